@@ -14,8 +14,9 @@ returns False and touches nothing. On a CPU-only machine ``activate()`` applies,
               ``torch.device("cuda")``, ``.cuda()``, ``.to("cuda")``) to the CPU. Only calls that would
               otherwise raise on this machine change behaviour. It covers the literal ``device="cuda"``
               allocations in the pipeline schedules, clip_grads, DDP buffers and p2p shape exchange.
-  #7          ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``; the
-              names the optimizer imported are replaced by an equivalent that checks for fp32 instead.
+  #7          megatron's optimizers dispatch on ``param.type() == 'torch.cuda.FloatTensor'`` (Float16 and
+              distributed optimizer constructors) and ``clip_grad_by_total_norm_fp32`` asserts it:
+              only inside those functions, ``Tensor.type()`` reports the CUDA name of a CPU tensor.
 
 Two import-time problems are handled separately, each only where it occurs:
   * megatron-core >= 0.17 imports triton unconditionally (one leaf module); when triton is missing,
@@ -31,6 +32,7 @@ transformer-engine, activation recomputation that saves CUDA RNG states.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -155,6 +157,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and _CUDA_TYPE_NAMES and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda_device(kwargs.get("device")):
             kwargs = dict(kwargs, device="cpu")
         if any(_is_cuda_device(a) for a in args):
@@ -190,22 +195,24 @@ def _make_cpu_rng_tracker_class(base):
     return CpuRNGStatesTracker
 
 
-def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron's function minus its CUDA-type assert (#7): scale fp32 grads in place."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = []
-    for p in parameters:
-        g = getattr(p, attr, None)
-        if g is None:
-            continue
-        if not use_decoupled_grad and g.dtype != torch.float32:
-            raise TypeError(f"clip_grad_by_total_norm_fp32 expects fp32 main grads, got {g.dtype}")
-        grads.append(g.to_local().detach() if hasattr(g, "to_local") else g.detach())
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
+_CUDA_TYPE_NAMES = 0  # > 0 while inside a megatron function that checks CUDA tensor type names
+
+
+def _reporting_cuda_type_names(fn):
+    """Run ``fn`` with ``Tensor.type()`` answering 'torch.cuda.FloatTensor' for a CPU fp32 tensor,
+    and so on: megatron's optimizers dispatch on (and assert) those names (#7)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _CUDA_TYPE_NAMES
+        _CUDA_TYPE_NAMES += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _CUDA_TYPE_NAMES -= 1
+
+    wrapper._megatron_cppo_original = fn
+    return wrapper
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -241,14 +248,18 @@ def activate() -> bool:
     _set(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
     _set(mrandom, "initialize_rng_tracker", _keep_cpu_tracker(mrandom.initialize_rng_tracker))
 
-    for modname in (
-        "megatron.core.optimizer.clip_grads",
-        "megatron.core.optimizer.optimizer",
-        "megatron.core.optimizer.distrib_optimizer",
-    ):
-        mod = importlib.import_module(modname)
-        if hasattr(mod, "clip_grad_by_total_norm_fp32"):
-            _set(mod, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+    # Functions that dispatch on or assert CUDA type names. Module-level functions are replaced in
+    # every module that imported them by name; constructors are replaced on the class.
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for mod in (importlib.import_module("megatron.core.optimizer.clip_grads"), optimizer,
+                distrib_optimizer):
+        fn = getattr(mod, "clip_grad_by_total_norm_fp32", None)
+        if fn is not None:
+            _set(mod, "clip_grad_by_total_norm_fp32",
+                 _reporting_cuda_type_names(getattr(fn, "_megatron_cppo_original", fn)))
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        _set(cls, "__init__", _reporting_cuda_type_names(cls.__init__))
 
     _DEVICE_MODE = _CudaToCpuMode()
     _DEVICE_MODE.__enter__()

@@ -11,7 +11,11 @@ from distributed import DistributedTestFailure, run_on_ranks
 def _allreduce_and_layout(state):
     t = torch.tensor([float(state.rank)])
     dist.all_reduce(t)
-    return dict(rank=state.rank, sum=t.item(), tp=state.tp_rank, pp=state.pp_rank,
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    with get_cuda_rng_tracker().fork():  # the tensor-parallel-region stream (dropout inside TP)
+        tp_region = torch.rand(4)
+    return dict(rank=state.rank, sum=t.item(), tp_region=tp_region, tp=state.tp_rank, pp=state.pp_rank,
                 dp=state.dp_rank, tp_ranks=dist.get_process_group_ranks(state.tp_group),
                 pp_ranks=dist.get_process_group_ranks(state.pp_group))
 
@@ -31,6 +35,10 @@ def test_results_and_megatron_layout():
     assert [r["tp_ranks"] for r in res] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["pp_ranks"] for r in res] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [(r["tp"], r["pp"]) for r in res] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    # the CPU RNG tracker: TP-region streams differ across TP ranks, agree across PP ranks
+    assert not torch.equal(res[0]["tp_region"], res[1]["tp_region"])
+    assert torch.equal(res[0]["tp_region"], res[2]["tp_region"])
+    assert torch.equal(res[1]["tp_region"], res[3]["tp_region"])
 
 
 def test_failure_names_rank_and_traceback():

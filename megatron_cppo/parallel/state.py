@@ -182,11 +182,12 @@ def initialize_parallel(config: ParallelConfig) -> ParallelState:
     )
 
 
-def destroy_parallel() -> None:
-    """Tear down megatron's groups and the default process group (safe to call twice)."""
+def destroy_parallel(*, keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups and, unless ``keep_process_group`` (to initialise another
+    layout in the same processes), the default process group. Safe to call twice."""
     from megatron.core import parallel_state as mpu
 
     mpu.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.barrier()
         dist.destroy_process_group()
