@@ -35,6 +35,8 @@ setup(
         "mathruler>=0.1.0",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        # megatron-core dist_checkpointing needs it (its writer processes hang without it)
+        "psutil>=5.9",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONWARNINGS="ignore::UserWarning"
 exec .venv/bin/torchrun --nproc-per-node 4 -m megatron_cppo.train \
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
-  --micro-batch-size 2 --global-batch-size 16 --train-iters 10 "$@"
+  --micro-batch-size 2 --global-batch-size 16 --train-iters 20 "$@"

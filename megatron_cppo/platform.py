@@ -88,7 +88,12 @@ def install_triton_leaf_standin() -> bool:
     mod.GLOBAL_BLOCK_SIZE = 1024
     mod.paged_stash_copy_kernel = _Kernel()
     mod.paged_stash_pop_kernel = _Kernel()
-    mod.__getattr__ = lambda name: _Kernel()  # any other kernel the module exports
+    def _other_kernel(name):  # any other kernel the module exports; dunders stay absent
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Kernel()
+
+    mod.__getattr__ = _other_kernel
     sys.modules[_PAGED_STASH] = mod
     return True
 

@@ -170,12 +170,16 @@ def load_full_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], 
 
 def synthetic_microbatches(cfg: ToyGPTConfig, num_microbatches: int,
                            seed: int) -> list[dict[str, torch.Tensor]]:
-    """A fixed global batch: ``num_microbatches`` of [micro_batch_size, seq_length] tokens."""
+    """A fixed, learnable global batch: ``num_microbatches`` of [micro_batch_size, seq_length]
+    tokens, each sequence an arithmetic progression (random start, stride 1..4) modulo the vocab,
+    so the loss falls as the model learns to continue it."""
     g = torch.Generator().manual_seed(seed)
     out = []
+    steps = torch.arange(cfg.seq_length + 1)
     for _ in range(num_microbatches):
-        tokens = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_size, cfg.seq_length + 1),
-                               generator=g)
+        start = torch.randint(0, cfg.vocab_size, (cfg.micro_batch_size, 1), generator=g)
+        stride = torch.randint(1, 5, (cfg.micro_batch_size, 1), generator=g)
+        tokens = (start + stride * steps) % cfg.vocab_size
         out.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()})
     return out
 
