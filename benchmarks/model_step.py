@@ -1,0 +1,267 @@
+"""Forward + backward time of the Qwen2.5-VL model (megatron_cppo.models.qwen2_5_vl) per layout.
+
+    python benchmarks/model_step.py                                   # CPU: tiny model, 4 layouts
+    python benchmarks/model_step.py --layouts 1,1 2,1 --reps 10
+    python benchmarks/model_step.py --gpu --size 3B --seq 4096        # one GPU: real size, bf16
+
+CPU mode: the tiny random model of the parity tests (vision 3 blocks x 32, LM 4 layers x 64, GQA)
+in fp32 at each (tp, pp) on gloo ranks spawned here; one step = megatron's pipeline schedule over
+4 micro-batches of 2 sequences of ``--seq`` tokens, each sequence with one image of
+``--image-patches`` (h x w patches, h*w/4 image tokens). Prints the median step time per token and
+its ratio to (1, 1). On a 2-core machine every rank shares the same 2 cores: the ratios measure
+communication and scheduling overhead, not speed-up.
+
+GPU mode: a random-weight model with the dimensions of Qwen2.5-VL-3B (or 7B), bf16
+(HalfPrecisionModule), ``--seq`` tokens per sequence of which one image of ``--image-patches``,
+TP x PP over the visible GPUs (spawned ranks, nccl). Reports tokens/s and MFU against the dense
+bf16 peak (``--peak-tflops``, 989 for H100/H200 SXM). Model FLOPs (fwd + bwd = 3 x forward):
+  LM    2 * T * (matmul params per layer * L + h * V) + 2 * L * h * S^2 per sequence (causal half
+        of the 4 * h * S^2 of QK^T and AV)
+  ViT   2 * P * (block matmul params * depth) + merger + patch embed, + 2 * 2 * C * (P * window
+        patches for windowed blocks, P_img^2 for full-attention blocks)
+(no recomputation counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+# ----------------------------------------------------------------------------------------------
+# configs and batches
+
+
+def tiny_hf_config():
+    """The parity tests' tiny untied model (tests/models/tiny_qwen.py), restated here."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                max_position_embeddings=8192, bos_token_id=0, eos_token_id=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [2, 3, 3]})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, in_channels=3,
+                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
+                  fullatt_block_indexes=[1], out_hidden_size=64, hidden_act="silu")
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=1502,
+                            video_token_id=1503, vision_start_token_id=1500,
+                            vision_end_token_id=1501)
+
+
+def make_microbatches(hf_config, *, num_mb, batch, seq, image_hw, seed=0):
+    """Micro-batches of ``batch`` sequences of ``seq`` tokens, each with one image_hw image."""
+    from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig, mrope_position_ids_batch
+
+    g = torch.Generator().manual_seed(seed)
+    vc = hf_config.vision_config
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    h, w = image_hw
+    n_img = h * w // vc.spatial_merge_size ** 2
+    if n_img + 4 > seq:
+        raise ValueError(f"--seq {seq} is too short for an image of {n_img} tokens")
+    vocab = min(hf_config.text_config.vocab_size, hf_config.vision_start_token_id)
+    rope = MRopeIndexConfig.from_hf(hf_config)
+    out = []
+    for _ in range(num_mb):
+        ids = torch.randint(2, vocab, (batch, seq), generator=g)
+        ids[:, 2] = hf_config.vision_start_token_id
+        ids[:, 3:3 + n_img] = hf_config.image_token_id
+        ids[:, 3 + n_img] = hf_config.vision_end_token_id
+        grid = torch.tensor([[1, h, w]] * batch)
+        pos, _ = mrope_position_ids_batch(ids, rope, image_grid_N3=grid)
+        labels = torch.roll(ids, -1, dims=1)
+        out.append(dict(input_ids=ids, position_ids=pos, labels=labels, image_grid_thw=grid,
+                        pixel_values=torch.randn(batch * h * w, patch_dim, generator=g)))
+    return out
+
+
+def model_flops(hf_config, *, tokens_per_seq, num_seqs, image_hw) -> float:
+    """fwd + bwd model FLOPs of one step (see the module doc)."""
+    tc, vc = hf_config.text_config, hf_config.vision_config
+    h, F, L, V = tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size
+    d = h // tc.num_attention_heads
+    per_layer = h * (h + 2 * tc.num_key_value_heads * d) + h * h + 3 * h * F
+    T = tokens_per_seq * num_seqs
+    lm = 2 * T * (L * per_layer + h * V) + num_seqs * L * 2 * h * tokens_per_seq ** 2
+    C, Fv = vc.hidden_size, vc.intermediate_size
+    P_img = image_hw[0] * image_hw[1]
+    P = P_img * num_seqs
+    block = 4 * C * C + 3 * C * Fv
+    unit = vc.spatial_merge_size ** 2
+    merger = (unit * C) ** 2 + unit * C * vc.out_hidden_size
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    window = min(P_img, (vc.window_size // vc.patch_size) ** 2)
+    n_full = len(vc.fullatt_block_indexes)
+    attn = 4 * C * P * ((vc.depth - n_full) * window + n_full * P_img)
+    vit = 2 * P * (vc.depth * block + patch_dim * C) + 2 * (P // unit) * merger + attn
+    return 3.0 * (lm + vit)
+
+
+# ----------------------------------------------------------------------------------------------
+# one measurement on spawned ranks
+
+
+def _worker(rank, world, port, outdir, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    cuda = cfg["gpu"]
+    if not cuda:
+        torch.set_num_threads(cfg["threads"])
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_cppo.models.qwen2_5_vl import (
+        Qwen25VLModelConfig,
+        build_qwen2_5_vl,
+        stage_inputs,
+        unwrap,
+    )
+    from megatron_cppo.models.qwen2_5_vl.config import reference_hf_config
+    from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    state = initialize_parallel(ParallelConfig(tensor_model_parallel_size=cfg["tp"],
+                                               pipeline_model_parallel_size=cfg["pp"]))
+    hf = reference_hf_config(cfg["size"]) if cuda else tiny_hf_config()
+    settings = Qwen25VLModelConfig(
+        dtype="bf16" if cuda else "fp32", perform_initialization=True,
+        use_cpu_initialization=not cuda, vision_parallel_mode=cfg["vision_mode"])
+    chunks = build_qwen2_5_vl(hf, state, settings)
+    mbs = make_microbatches(hf, num_mb=cfg["num_mb"], batch=cfg["batch"], seq=cfg["seq"],
+                            image_hw=cfg["image_hw"])
+    mbs = [{k: v.to(state.device) for k, v in mb.items()} for mb in mbs]
+    fb = get_forward_backward_func()
+
+    def forward_step(data_iterator, chunk):
+        mb = next(data_iterator)
+        inp = stage_inputs(mb, pre_process=unwrap(chunk).pre_process)
+        out = chunk(inp.get("input_ids"), mb["position_ids"],
+                    pixel_values=inp.get("pixel_values"),
+                    image_grid_thw=inp.get("image_grid_thw"))
+
+        def loss_func(logits_BSV):
+            from megatron.core import tensor_parallel
+
+            loss = tensor_parallel.vocab_parallel_cross_entropy(logits_BSV.float(),
+                                                                mb["labels"]).mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    def step():
+        for c in chunks:
+            c.zero_grad(set_to_none=True)
+        fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=chunks,
+           num_microbatches=len(mbs), seq_length=cfg["seq"], micro_batch_size=cfg["batch"],
+           forward_only=False)
+        if cuda:
+            torch.cuda.synchronize()
+
+    times = []
+    for i in range(cfg["warmup"] + cfg["reps"]):
+        t0 = time.perf_counter()
+        step()
+        if i >= cfg["warmup"]:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    if rank == 0:
+        with open(os.path.join(outdir, "result.json"), "w") as f:
+            json.dump(dict(step_s=statistics.median(times), times=times, peak_gib=peak), f)
+    destroy_parallel()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(cfg: dict) -> dict:
+    world = cfg["tp"] * cfg["pp"]
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(_worker, args=(world, _free_port(), outdir, cfg), nprocs=world,
+                           start_method="spawn")
+        with open(os.path.join(outdir, "result.json")) as f:
+            return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", action="store_true", help="real-size model in bf16 on CUDA GPUs")
+    p.add_argument("--size", default="3B", choices=("3B", "7B"), help="GPU mode model size")
+    p.add_argument("--layouts", nargs="+", default=None,
+                   help="tp,pp pairs (default CPU: 1,1 2,1 1,2 2,2; GPU: 1,1)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence "
+                   "(default CPU 256, GPU 4096)")
+    p.add_argument("--image-patches", default=None, help="h,w patches of each sequence's image "
+                   "(default CPU 16,16; GPU 64,64 = 1024 image tokens)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch "
+                   "(default CPU 2, GPU 1)")
+    p.add_argument("--num-mb", type=int, default=4, help="micro-batches per step")
+    p.add_argument("--vision-mode", default="auto", choices=("auto", "tp", "dp_in_tp"))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    if a.gpu and not torch.cuda.is_available():
+        p.error("--gpu needs CUDA")
+    seq = a.seq or (4096 if a.gpu else 256)
+    image_hw = tuple(int(x) for x in (a.image_patches or ("64,64" if a.gpu else "16,16"))
+                     .split(","))
+    batch = a.batch or (1 if a.gpu else 2)
+    layouts = [tuple(int(x) for x in s.split(",")) for s in
+               (a.layouts or (["1,1"] if a.gpu else ["1,1", "2,1", "1,2", "2,2"]))]
+    hf = None
+    if a.gpu:
+        from megatron_cppo.models.qwen2_5_vl.config import reference_hf_config
+
+        hf = reference_hf_config(a.size)
+    else:
+        hf = tiny_hf_config()
+    flops = model_flops(hf, tokens_per_seq=seq, num_seqs=batch * a.num_mb, image_hw=image_hw)
+    tokens = seq * batch * a.num_mb
+    rows, base = [], None
+    print(f"{'gpu ' + a.size + ' bf16' if a.gpu else 'cpu tiny fp32'}: {a.num_mb} micro-batches "
+          f"x {batch} x {seq} tokens, image {image_hw[0]}x{image_hw[1]} patches per sequence, "
+          f"{a.reps} reps (median)")
+    for tp, pp in layouts:
+        cfg = dict(gpu=a.gpu, size=a.size, tp=tp, pp=pp, seq=seq, image_hw=image_hw, batch=batch,
+                   num_mb=a.num_mb, vision_mode=a.vision_mode, reps=a.reps, warmup=a.warmup,
+                   threads=a.threads)
+        r = measure(cfg)
+        per_tok_us = r["step_s"] / tokens * 1e6
+        base = base or per_tok_us
+        row = dict(tp=tp, pp=pp, step_s=r["step_s"], us_per_token=per_tok_us,
+                   rel_to_first=per_tok_us / base, tokens_per_s=tokens / r["step_s"])
+        if a.gpu:
+            row.update(mfu=flops / r["step_s"] / (a.peak_tflops * 1e12 * tp * pp),
+                       peak_gib=r["peak_gib"])
+        rows.append(row)
+        extra = f"  MFU {row['mfu']:.1%}  peak {row['peak_gib']:.1f} GiB" if a.gpu else ""
+        print(f"  tp={tp} pp={pp}: step {r['step_s'] * 1e3:8.1f} ms  {per_tok_us:8.2f} us/token  "
+              f"x{row['rel_to_first']:.2f} vs first  {row['tokens_per_s']:9.0f} tokens/s{extra}",
+              flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(args=vars(a), model_flops_per_step=flops, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

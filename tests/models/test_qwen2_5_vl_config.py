@@ -1,0 +1,100 @@
+"""Unsupported layouts and configs are refused up front with a ValueError naming the setting (not a
+shape traceback deep in megatron). Single process: validation needs no process group; the builder
+calls it before building anything."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiny_qwen
+from megatron_cppo.models.qwen2_5_vl.config import (
+    Qwen25VLDims,
+    Qwen25VLModelConfig,
+    reference_hf_config,
+    validate_layout,
+)
+from megatron_cppo.parallel.state import ParallelConfig
+
+
+def _dims(**kwargs):
+    return Qwen25VLDims.from_hf(tiny_qwen.hf_config(tied=True, **kwargs))
+
+
+def _layout(dims, tp=1, pp=1, vpp=None, **settings):
+    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                         virtual_pipeline_model_parallel_size=vpp,
+                         batch_p2p_comm=vpp is None)
+    return validate_layout(dims, Qwen25VLModelConfig(**settings), par)
+
+
+def test_tp_must_divide_query_groups():
+    with pytest.raises(ValueError, match="tensor-model-parallel-size 4 does not divide "
+                                         "num_query_groups 2"):
+        _layout(_dims(), tp=4)
+    with pytest.raises(ValueError, match="num_query_groups 2"):
+        _layout(Qwen25VLDims.from_hf(reference_hf_config("3B")), tp=4)
+
+
+def test_vision_tp_mode_needs_divisible_mlp_width():
+    # like Qwen2.5-VL's 3420 at TP 8: the LM and the ViT heads split 4 ways, the ViT MLP (42) not
+    dims = _dims(vision_intermediate=42, kv_heads=4)
+    with pytest.raises(ValueError, match=r"vision_config\.intermediate_size 42.*dp_in_tp"):
+        _layout(dims, tp=4, vision_parallel_mode="tp")
+    assert _layout(dims, tp=4).vision_parallel_mode == "dp_in_tp"  # auto
+    assert _layout(dims, tp=4, vision_parallel_mode="dp_in_tp").vision_tp_size == 1
+
+
+def test_vision_modes_resolve():
+    dims = _dims()
+    assert _layout(dims, tp=2).vision_parallel_mode == "tp"
+    assert _layout(dims, tp=2).vision_tp_size == 2
+    assert _layout(dims, tp=2, vision_parallel_mode="dp_in_tp").vision_tp_size == 1
+    assert _layout(dims, tp=1).vision_parallel_mode == "tp"
+
+
+def test_pp_larger_than_layers():
+    with pytest.raises(ValueError, match="pipeline-model-parallel-size 8 .*larger than "
+                                         "num_layers 4"):
+        _layout(_dims(), pp=8)
+
+
+def test_pipeline_split():
+    with pytest.raises(ValueError, match="does not divide num_layers 4.*num_layers_in_first"):
+        _layout(_dims(), pp=3)
+    assert _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=2)
+    with pytest.raises(ValueError, match="leave 3 of 4"):
+        _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=1)
+    with pytest.raises(ValueError, match="need pipeline_model_parallel_size > 1"):
+        _layout(_dims(), pp=1, num_layers_in_first_pipeline_stage=1)
+    with pytest.raises(ValueError, match="variable_seq_lengths=False"):
+        _layout(_dims(), pp=2, vpp=2)
+    assert _layout(_dims(), pp=2, vpp=2, variable_seq_lengths=False)
+
+
+def test_vocab_padding():
+    assert _layout(_dims(), tp=2).padded_vocab_size == 1532  # 1531 rows
+    assert _layout(_dims(), tp=1).padded_vocab_size == 1531
+
+
+def test_sequence_parallel_refused():
+    par = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        validate_layout(_dims(), Qwen25VLModelConfig(), par)
+
+
+def test_bad_hf_configs():
+    cfg = tiny_qwen.hf_config(tied=True)
+    cfg.text_config.rope_parameters.pop("mrope_section")
+    with pytest.raises(ValueError, match="mrope_section"):
+        Qwen25VLDims.from_hf(cfg)
+    with pytest.raises(ValueError, match=r"fullatt_block_indexes \[5\]"):
+        _dims(fullatt=(1, 5))
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="vision_parallel_mode"):
+        Qwen25VLModelConfig(vision_parallel_mode="sharded")
+    with pytest.raises(ValueError, match="dtype"):
+        Qwen25VLModelConfig(dtype="fp16")
+    with pytest.raises(ValueError, match="num_layers_in_first_pipeline_stage"):
+        Qwen25VLModelConfig(num_layers_in_first_pipeline_stage=0)
