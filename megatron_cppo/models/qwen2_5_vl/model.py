@@ -75,7 +75,7 @@ class Qwen25VLModel(MegatronModule):
         if pre_process:
             self.vision_model = Qwen25VisionModel(
                 dims=dims.vision, vit_config=vit_config, projector_config=projector_config,
-                pg_collection=vision_pg_collection)
+                pg_collection=vision_pg_collection, model_tp_group=pg_collection.tp)
             if layout.vision_parallel_mode == "dp_in_tp":
                 mark_replicated(self.vision_model.parameters())
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -179,8 +181,13 @@ class VisionBlocks(torch.nn.Module):
 class Qwen25VisionModel(torch.nn.Module):
     """pixel rows [P, patch_dim] + grid [N, 3] -> merged embeddings [U, E] in image order."""
 
-    def __init__(self, *, dims: VisionDims, vit_config, projector_config, pg_collection):
+    def __init__(self, *, dims: VisionDims, vit_config, projector_config, pg_collection,
+                 model_tp_group=None):
         super().__init__()
+        # The LM's TP group. In dp_in_tp mode the tower's own TP group is a one-rank group and
+        # its weights are replicas across this one (checkpoint replica ids must say so).
+        self.model_tp_group = model_tp_group if model_tp_group is not None else pg_collection.tp
+        self.replicated_over_tp = self.model_tp_group is not pg_collection.tp
         from megatron.core.models.vision.multimodal_projector import MultimodalProjector
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.mlp import MLPSubmodules
@@ -197,6 +204,38 @@ class Qwen25VisionModel(torch.nn.Module):
             projector_config,
             MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
             projector_type="mlp", input_size=dims.merger_hidden_size, tp_group=pg_collection.tp)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """megatron dist-checkpoint entries of the tower: each block through its TransformerLayer
+        (TP-aware, gate/up split like the LM's fc1), the rest replicated. Keys are per block
+        (``decoder.layers.{i}.``; the ViT is never split over pipeline stages), so a checkpoint
+        written at one TP size loads at another."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                     sharded_state_dict_default)
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out = {}
+        # Plain torch modules: replicated over the LM's TP group (passed explicitly: megatron
+        # 0.16 otherwise gives every TP rank replica id 0 when metadata carries a DP group).
+        for name, module in (("patch_embed.", self.patch_embed),
+                             ("decoder.final_layernorm.", self.decoder.final_layernorm)):
+            out.update(sharded_state_dict_default(module, prefix + name, sharded_offsets,
+                                                  metadata, tp_group=self.model_tp_group))
+        tower = dict(self.projection.sharded_state_dict(f"{prefix}projection.", sharded_offsets,
+                                                        metadata))
+        for i, layer in enumerate(self.decoder.layers):
+            tower.update(layer.sharded_state_dict(f"{prefix}decoder.layers.{i}.",
+                                                  sharded_offsets, metadata))
+        if self.replicated_over_tp:  # whole tensors on every TP rank: only TP rank 0 is main
+            tp_rank = torch.distributed.get_rank(self.model_tp_group)
+            for value in nested_values(tower):
+                rid = value.replica_id
+                value.replica_id = (rid[0], tp_rank, *rid[2:]) if isinstance(rid, tuple) \
+                    else (rid, tp_rank)
+        out.update(tower)
+        return out
 
     def forward(self, pixel_values_PD: torch.Tensor, grid_N3: torch.Tensor) -> torch.Tensor:
         d = self.dims

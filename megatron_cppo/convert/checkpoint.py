@@ -1,0 +1,595 @@
+"""HF <-> Megatron checkpoint conversion, streaming one parameter at a time.
+
+A megatron_cppo checkpoint directory:
+
+    megatron_cppo.json   metadata: HF model config, layout, source HF directory, converter version
+    model/               megatron-core distributed checkpoint (torch_dist) of the model's
+                         ``sharded_state_dict()``: reshardable, loads at any TP x PP
+
+How it streams. The global tensors of a torch_dist checkpoint do not depend on the layout that wrote
+them (per-layer chunks of [layers, ...] tensors, gate/up stored separately), except the vocabulary
+rows, which are padded for TP. So every operation runs in ONE process on a TP=1, PP=1 model built on
+the ``meta`` device: megatron's own ``sharded_state_dict()`` of it fixes the keys, shapes and chunking
+exactly as training will load them, and no parameter memory is allocated.
+  * writing: a save strategy hands torch.distributed.checkpoint a planner whose ``resolve_data``
+    materialises each meta chunk on demand (HF tensors -> mapping.py transform -> this chunk), and
+    the writer stores one chunk at a time;
+  * reading: each parameter's chunks are read from the checkpoint's storage into a buffer of that
+    parameter's size, then mapped to HF tensors and streamed into safetensors shards.
+Peak memory is about one parameter (the largest: the embedding) plus the HF tensors it is made of.
+
+Names and transforms all come from ``megatron_cppo.models.qwen2_5_vl.mapping`` (one source of truth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+import megatron_cppo
+from megatron_cppo.convert.atomic import atomic_output_dir, check_output_dir
+from megatron_cppo.convert.safetensors_io import (CheckpointFileError, SafetensorsDir,
+                                                  ShardedSafetensorsWriter)
+
+META_NAME = "megatron_cppo.json"
+MODEL_SUBDIR = "model"
+FORMAT_VERSION = 1
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Files of an HF model directory that are not weights and travel with an export.
+_AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json",
+              "preprocessor_config.json", "video_preprocessor_config.json",
+              "processor_config.json", "chat_template.json", "chat_template.jinja",
+              "generation_config.json")
+
+
+class ConversionError(ValueError):
+    """Bad input to a conversion; the message names the file and tensor."""
+
+
+@dataclass(kw_only=True)
+class CheckpointMeta:
+    format_version: int
+    converter_version: str
+    hf_config: dict
+    source_hf_dir: Optional[str]
+    tp: int
+    pp: int
+    vision_parallel: str
+    dtype: str
+    padded_vocab_size: int
+
+    def write(self, directory: Path) -> None:
+        (directory / META_NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+@dataclass
+class ConversionReport:
+    num_tensors: int
+    bytes: int
+    seconds: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+    def __str__(self) -> str:
+        return (f"{self.num_tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
+                f"({self.mb_per_s:.1f} MB/s)")
+
+
+def read_meta(megatron_dir: str | os.PathLike) -> CheckpointMeta:
+    path = Path(megatron_dir) / META_NAME
+    if not path.is_file():
+        raise ConversionError(f"{megatron_dir}: not a megatron_cppo checkpoint ({META_NAME} is "
+                              f"missing)")
+    if not (Path(megatron_dir) / MODEL_SUBDIR / "metadata.json").is_file():
+        raise ConversionError(f"{Path(megatron_dir) / MODEL_SUBDIR}: the megatron distributed "
+                              f"checkpoint is missing or incomplete (no metadata.json)")
+    try:
+        meta = CheckpointMeta(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise ConversionError(f"{path}: format_version {meta.format_version} is not supported "
+                              f"(this converter reads {FORMAT_VERSION})")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# HF side: config and tensors, validated before anything is written
+
+
+def _hf_config(hf_dir: Path):
+    from transformers import AutoConfig
+
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConversionError(f"{path}: unreadable ({e})") from None
+    if raw.get("model_type") != "qwen2_5_vl":
+        raise ConversionError(f"{path}: model_type is {raw.get('model_type')!r}, not "
+                              f"'qwen2_5_vl' (only Qwen2.5-VL checkpoints are supported)")
+    return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+
+
+def _dims(hf_config):
+    from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLDims
+
+    return Qwen25VLDims.from_hf(hf_config)
+
+
+def expected_hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of this config holds (>= 4.52 names), from the transformers
+    model built on the meta device (no memory): the exact oracle for missing/extra/misshaped."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_cppo.models.qwen2_5_vl import mapping
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(hf_config)
+    names = mapping.hf_names(_dims(hf_config))
+    shapes = {mapping.normalize_hf_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: shapes[k] for k in sorted(names)}
+
+
+class HFSource:
+    """Validated HF tensors addressed by >= 4.52 names, whatever layout the files use."""
+
+    def __init__(self, hf_dir: Path, hf_config):
+        from megatron_cppo.models.qwen2_5_vl import mapping
+
+        try:
+            self.files = SafetensorsDir(hf_dir)
+        except CheckpointFileError as e:
+            raise ConversionError(str(e)) from None
+        self.key = {}  # new-layout name -> name in the files
+        for name in self.files.names():
+            new = mapping.normalize_hf_key(name)
+            if new in self.key:
+                raise ConversionError(f"{hf_dir}: tensor {new} appears in both HF key layouts "
+                                      f"({self.key[new]} and {name})")
+            self.key[new] = name
+        expected = expected_hf_shapes(hf_config)
+        missing = sorted(set(expected) - set(self.key))
+        extra = sorted(set(self.key) - set(expected))
+        if missing:
+            raise ConversionError(f"{hf_dir}: missing tensors {missing[:5]}"
+                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if extra:
+            raise ConversionError(f"{hf_dir}: unexpected tensors {extra[:5]}"
+                                  + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                                  + " (not part of this Qwen2.5-VL config)")
+        for name, shape in expected.items():
+            info = self.files.tensors[self.key[name]]
+            if info.shape != shape:
+                raise ConversionError(f"{info.file}: tensor {info.name} has shape "
+                                      f"{list(info.shape)}, the config needs {list(shape)}")
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.files.get(self.key[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# the meta model: megatron's own keys and chunking, no memory
+
+
+@contextlib.contextmanager
+def _single_process_parallel():
+    """megatron parallel state for one process (TP = PP = 1), torn down afterwards. Refused
+    inside a multi-rank job: conversion is a single-process tool."""
+    from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("run the converter as a single process, not inside a "
+                               "distributed job")
+        from megatron.core import parallel_state as mpu
+
+        if mpu.model_parallel_is_initialized():
+            raise RuntimeError("megatron parallel state is already initialised in this process")
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                            "MASTER_PORT")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        state = initialize_parallel(ParallelConfig())
+        try:
+            yield state
+        finally:
+            destroy_parallel()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class _MetaModel:
+    """A TP=1, PP=1 model on the meta device and its post-factory sharded state dict."""
+
+    model: torch.nn.Module
+    sharded: dict  # megatron sharded state dict (factories applied)
+    name_of: dict  # storage id of a meta parameter -> global megatron name
+    pieces: dict  # global megatron name -> [ShardedTensor] whose data views that parameter
+    params: dict  # global megatron name -> meta parameter (padded vocab where stored padded)
+    dims: object
+
+
+def _meta_model(hf_config, state, dtype: str, padded_vocab: int) -> _MetaModel:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from megatron_cppo.models.qwen2_5_vl.builder import build_qwen2_5_vl, unwrap
+    from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig
+
+    meta_state = dataclasses.replace(state, device=torch.device("meta"))
+    with torch.device("meta"):
+        (chunk,) = build_qwen2_5_vl(hf_config, meta_state,
+                                    Qwen25VLModelConfig(dtype="fp32", vision_parallel_mode="tp"))
+    model = unwrap(chunk).to(_DTYPES[dtype])  # the stored dtype (meta tensors: no memory)
+    name_of = {_sid(p): model.global_param_name(n) for n, p in model.named_parameters()}
+    sharded = model.sharded_state_dict()
+    params = {model.global_param_name(n): p for n, p in model.named_parameters()}
+    # Vocabulary rows are padded for the target TP; at TP=1 the meta model has none.
+    vocab_keys = {"language_model.embedding.word_embeddings.weight",
+                  "language_model.output_layer.weight"}
+    for path, value in list(_flat_items(sharded)):
+        if isinstance(value, ShardedTensor) and value.key in vocab_keys \
+                and value.global_shape[0] != padded_vocab:
+            data = torch.empty((padded_vocab,) + tuple(value.data.shape[1:]),
+                               dtype=value.data.dtype, device="meta")
+            name_of[_sid(data)] = name = name_of[_sid(value.data)]
+            params[name] = data
+            _set_path(sharded, path, ShardedTensor.from_rank_offsets(
+                value.key, data, replica_id=value.replica_id))
+    apply_factories(sharded)
+    pieces: dict[str, list] = {}
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor):
+            pieces.setdefault(name_of[_sid(value.data)], []).append(value)
+    return _MetaModel(model, sharded, name_of, pieces, params, model.dims)
+
+
+def _flat_items(d, path=()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat_items(v, path + (k,))
+        else:
+            yield path + (k,), v
+
+
+def _set_path(d, path, value):
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+def _sid(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage: every view or detached alias of a parameter (megatron's
+    factories and its conversion to torch ShardedTensors make both) shares it."""
+    return t.untyped_storage()._cdata
+
+
+# ----------------------------------------------------------------------------------------------
+# writing: a torch_dist save strategy that materialises one chunk at a time
+
+
+def _streaming_strategy(materialize: Callable[[torch.Tensor], torch.Tensor]):
+    """A megatron SaveShardedStrategy producing the torch_dist format, whose tensors are meta
+    views materialised by ``materialize(meta_view)`` when the writer reaches them."""
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class LazyPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            obj = super().resolve_data(write_item)
+            if isinstance(obj, torch.Tensor) and obj.is_meta:
+                return materialize(obj)
+            return obj
+
+    class StreamingTorchDistStrategy(SaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            pyt_sd = mcore_to_pyt_state_dict(sd, False)
+            dcp_save(pyt_sd, storage_writer=FileSystemWriter(str(checkpoint_dir),
+                                                             thread_count=1),
+                     planner=LazyPlanner(can_run_decentralized_global_plan=False,
+                                         flatten_state_dict=False))
+
+        @property
+        def can_handle_sharded_objects(self):
+            return True
+
+    return StreamingTorchDistStrategy("torch_dist", 1)
+
+
+class _Materializer:
+    """meta view -> real tensor, computing each parameter once (gate/up and per-layer chunks of
+    one parameter arrive one after another) and keeping only the last one."""
+
+    def __init__(self, mm: _MetaModel, make: Callable[[str], torch.Tensor],
+                 progress: bool, desc: str):
+        from tqdm import tqdm
+
+        self.mm, self.make = mm, make
+        self.cached: tuple[int, torch.Tensor] | None = None
+        self.bytes = 0
+        self.count = 0
+        self.bar = tqdm(total=len(mm.pieces), desc=desc, unit="tensor", disable=not progress)
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        sid = _sid(view)
+        if self.cached is None or self.cached[0] != sid:
+            name = self.mm.name_of[sid]
+            param = self.mm.params[name]
+            full = self.make(name)
+            if tuple(full.shape) != tuple(param.shape):
+                raise ConversionError(f"{name}: conversion gives shape {list(full.shape)}, the "
+                                      f"megatron parameter is {list(param.shape)}")
+            self.cached = (sid, full.to(param.dtype).contiguous())
+            self.bytes += full.numel() * full.element_size()
+            self.count += 1
+            self.bar.update(1)
+        return torch.as_strided(self.cached[1], view.size(), view.stride(),
+                                view.storage_offset())
+
+
+def _save_model(mm: _MetaModel, make, directory: Path, progress: bool, desc: str):
+    from megatron.core import dist_checkpointing
+
+    directory.mkdir()
+    mat = _Materializer(mm, make, progress, desc)
+    dist_checkpointing.save(mm.sharded, str(directory),
+                            sharded_strategy=_streaming_strategy(mat),
+                            validate_access_integrity=False)
+    mat.bar.close()
+    if mat.count != len(mm.pieces):
+        raise AssertionError(f"wrote {mat.count} of {len(mm.pieces)} parameters")
+    return mat
+
+
+# ----------------------------------------------------------------------------------------------
+# reading: one parameter at a time from a torch_dist checkpoint
+
+
+class _DistCheckpointReader:
+    def __init__(self, model_dir: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.reader = FileSystemReader(str(model_dir))
+        self.metadata = self.reader.read_metadata()
+        self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+
+    def read_into(self, key: str, offsets: Sequence[int], out: torch.Tensor) -> None:
+        """Fill ``out`` with the region of global tensor ``key`` starting at ``offsets``."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.metadata.state_dict_metadata.get(key)
+        if md is None:
+            raise ConversionError(f"{self.reader.path}: the checkpoint has no tensor {key}")
+        items = create_read_items_for_chunk_list(
+            key, md, [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=out.shape)])
+        covered = sum(int(torch.tensor(i.lengths).prod()) for i in items)
+        if covered != out.numel():
+            raise ConversionError(f"{self.reader.path}: tensor {key} does not cover the region "
+                                  f"at {list(offsets)} of size {list(out.shape)}")
+
+        class Into(LoadPlanner):
+            def set_up_planner(self, *a, **k): ...
+            def create_local_plan(self): ...
+            def create_global_plan(self, plans): ...
+            def finish_plan(self, plan): ...
+            def load_bytes(self, read_item, value): ...
+
+            def resolve_tensor(self, read_item):
+                t = out
+                for d, (o, n) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                    t = t.narrow(d, o, n)
+                return t
+
+            def commit_tensor(self, read_item, tensor): ...
+
+        self.reader.read_data(LoadPlan(items), Into()).wait()
+
+
+def _read_param(reader: _DistCheckpointReader, mm: _MetaModel, name: str) -> torch.Tensor:
+    """One megatron parameter (TP=1 layout, padded vocab as stored) from the checkpoint."""
+    param = mm.params[name]
+    buf = torch.empty(param.shape, dtype=param.dtype)
+    for st in mm.pieces[name]:
+        view = torch.as_strided(buf, st.data.size(), st.data.stride(), st.data.storage_offset())
+        view = view.reshape((1,) * st.prepend_axis_num + tuple(st.local_shape))
+        reader.read_into(st.key, st.global_offset, view)
+    return buf
+
+
+# ----------------------------------------------------------------------------------------------
+# the three conversions
+
+
+def _resolve_layout(hf_config, tp: int, pp: int, vision_parallel: str):
+    from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig, validate_layout
+    from megatron_cppo.parallel import ParallelConfig
+
+    mode = {"replicated": "dp_in_tp"}.get(vision_parallel, vision_parallel)
+    return validate_layout(_dims(hf_config),
+                           Qwen25VLModelConfig(vision_parallel_mode=mode),
+                           ParallelConfig(tensor_model_parallel_size=tp,
+                                          pipeline_model_parallel_size=pp))
+
+
+def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel: str = "auto",
+                   dtype: Optional[str] = None, overwrite: bool = False,
+                   progress: bool = True) -> ConversionReport:
+    """Write a megatron_cppo checkpoint of an HF Qwen2.5-VL directory, loadable at (tp, pp).
+    ``dtype`` (bf16, fp16, fp32) defaults to the HF config's dtype (bf16 if it names none)."""
+    from megatron_cppo.models.qwen2_5_vl import mapping
+
+    t0 = time.perf_counter()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    hf_config = _hf_config(hf_dir)
+    if dtype is None:
+        stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        dtype = {v: k for k, v in _DTYPES.items()}.get(
+            getattr(torch, str(stored).removeprefix("torch."), None)
+            if isinstance(stored, str) else stored, "bf16")
+    if dtype not in _DTYPES:
+        raise ConversionError(f"--dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    layout = _resolve_layout(hf_config, tp, pp, vision_parallel)
+    source = HFSource(hf_dir, hf_config)
+    dims = _dims(hf_config)
+    table = mapping.rule_table(dims)
+
+    def make(name):
+        rule = table[name]
+        hf = [source.get(h) for h in rule.hf]
+        if rule.kind == mapping.VOCAB:  # padded for the target TP, whole (TP=1) here
+            return mapping.pad_vocab(hf[0], layout.padded_vocab_size)
+        return mapping.mcore_from_hf(rule, hf, dims, tp_rank=0, tp_size=1)
+
+    with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
+        mm = _meta_model(hf_config, state, dtype, layout.padded_vocab_size)
+        mat = _save_model(mm, make, tmp / MODEL_SUBDIR, progress, "hf -> megatron")
+        CheckpointMeta(format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
+                       hf_config=hf_config.to_dict(), source_hf_dir=str(hf_dir.resolve()),
+                       tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode, dtype=dtype,
+                       padded_vocab_size=layout.padded_vocab_size).write(tmp)
+    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0)
+
+
+def reshard(megatron_dir, out_dir, *, tp: int, pp: int, vision_parallel: Optional[str] = None,
+            overwrite: bool = False, progress: bool = True) -> ConversionReport:
+    """Rewrite a checkpoint for another (tp, pp): the layout is validated and the vocabulary
+    padding adjusted; everything else is copied chunk by chunk."""
+    from megatron_cppo.models.qwen2_5_vl import mapping
+    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
+
+    t0 = time.perf_counter()
+    src_dir, out_dir = Path(megatron_dir), Path(out_dir)
+    meta = read_meta(src_dir)
+    check_output_dir(out_dir, overwrite)
+    hf_config = load_hf_config(meta.hf_config)
+    layout = _resolve_layout(hf_config, tp, pp, vision_parallel or "auto")
+    vocab = _dims(hf_config).text.vocab_size
+    reader = _DistCheckpointReader(src_dir / MODEL_SUBDIR)
+
+    with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
+        src = _meta_model(hf_config, state, meta.dtype, meta.padded_vocab_size)
+        dst = _meta_model(hf_config, state, meta.dtype, layout.padded_vocab_size)
+
+        def make(name):
+            t = _read_param(reader, src, name)
+            if name.endswith(("word_embeddings.weight", "output_layer.weight")):
+                t = mapping.pad_vocab(mapping.unpad_vocab(t, vocab), layout.padded_vocab_size)
+            return t
+
+        mat = _save_model(dst, make, tmp / MODEL_SUBDIR, progress, "reshard")
+        dataclasses.replace(meta, tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode,
+                            padded_vocab_size=layout.padded_vocab_size,
+                            converter_version=megatron_cppo.__version__).write(tmp)
+    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0)
+
+
+def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: bool = True,
+                   max_shard_bytes: int = 5 * 1024**3) -> ConversionReport:
+    """Export a checkpoint as an HF directory (>= 4.52 key layout, sharded safetensors + index,
+    config, generation config, tokenizer/processor files from the recorded source directory)."""
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    from megatron_cppo.models.qwen2_5_vl import mapping
+    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
+
+    t0 = time.perf_counter()
+    src_dir, out_dir = Path(megatron_dir), Path(out_dir)
+    meta = read_meta(src_dir)
+    check_output_dir(out_dir, overwrite)
+    hf_config = load_hf_config(meta.hf_config)
+    dims = _dims(hf_config)
+    dtype = _DTYPES[meta.dtype]
+    shapes = expected_hf_shapes(hf_config)
+    rules = list(mapping.iter_rules(dims))
+    reader = _DistCheckpointReader(src_dir / MODEL_SUBDIR)
+    specs = [(h, shapes[h], dtype) for r in rules for h in r.hf]
+    written = 0
+
+    with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
+        mm = _meta_model(hf_config, state, meta.dtype, meta.padded_vocab_size)
+        writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+        for rule in tqdm(rules, desc="megatron -> hf", unit="tensor", disable=not progress):
+            param = _read_param(reader, mm, rule.mcore)
+            for h, t in zip(rule.hf, mapping.hf_from_mcore(rule, [param], dims)):
+                writer.write(h, t.to(dtype).contiguous())
+                written += 1
+        writer.close()
+        hf_config.dtype = dtype  # transformers 5 (older versions read torch_dtype)
+        if hasattr(hf_config, "torch_dtype") and not hasattr(type(hf_config), "torch_dtype"):
+            hf_config.torch_dtype = dtype
+        hf_config.save_pretrained(tmp)
+        _copy_aux_files(meta.source_hf_dir, tmp)
+        if not (tmp / "generation_config.json").exists():
+            GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+    return ConversionReport(written, writer.bytes_written, time.perf_counter() - t0)
+
+
+def _copy_aux_files(source: Optional[str], dest: Path) -> None:
+    if not source or not Path(source).is_dir():
+        print(f"note: source HF directory {source!r} is not available: tokenizer and processor "
+              f"files were not copied")
+        return
+    for name in _AUX_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, dest / name)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading into a training / evaluation model at any layout
+
+
+def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], megatron_dir,
+                             state) -> CheckpointMeta:
+    """Load a megatron_cppo checkpoint into this rank's built chunks (any TP x PP x VPP) with
+    megatron-core's distributed checkpoint loader. Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_cppo.models.qwen2_5_vl.builder import unwrap
+
+    meta = read_meta(megatron_dir)
+    padded = unwrap(chunks[0]).layout.padded_vocab_size
+    if padded != meta.padded_vocab_size:
+        raise ConversionError(
+            f"{megatron_dir}: stored with {meta.padded_vocab_size} vocabulary rows (padded for "
+            f"tensor-model-parallel-size {meta.tp}); this layout needs {padded}: run "
+            f"`megatron-cppo-convert reshard --megatron-dir {megatron_dir} --out NEW_DIR --tp "
+            f"{state.tp_size} --pp {state.pp_size}` first")
+    sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    loaded = dist_checkpointing.load(sharded, str(Path(megatron_dir) / MODEL_SUBDIR))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
+    return meta
