@@ -297,9 +297,10 @@ def _sid(t: torch.Tensor) -> int:
 def _streaming_strategy(materialize: Callable[[torch.Tensor], torch.Tensor]):
     """A megatron SaveShardedStrategy producing the torch_dist format, whose tensors are meta
     views materialised by ``materialize(meta_view)`` when the writer reaches them."""
-    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    # megatron-core 0.19 accepts only (subclasses of) its torch_dist strategy; 0.16 any strategy
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, _replace_state_dict_keys_with_sharded_keys, mcore_to_pyt_state_dict)
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict)
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
@@ -310,7 +311,7 @@ def _streaming_strategy(materialize: Callable[[torch.Tensor], torch.Tensor]):
                 return materialize(obj)
             return obj
 
-    class StreamingTorchDistStrategy(SaveShardedStrategy):
+    class StreamingTorchDistStrategy(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict, checkpoint_dir):
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
             pyt_sd = mcore_to_pyt_state_dict(sd, False)
@@ -318,10 +319,6 @@ def _streaming_strategy(materialize: Callable[[torch.Tensor], torch.Tensor]):
                                                              thread_count=1),
                      planner=LazyPlanner(can_run_decentralized_global_plan=False,
                                          flatten_state_dict=False))
-
-        @property
-        def can_handle_sharded_objects(self):
-            return True
 
     return StreamingTorchDistStrategy("torch_dist", 1)
 
