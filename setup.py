@@ -49,6 +49,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-cppo-train=megatron_cppo.train:main",
+            "megatron-cppo-convert=megatron_cppo.convert.cli:main",
         ],
     },
 )

@@ -111,7 +111,8 @@ def read_meta(megatron_dir: str | os.PathLike) -> CheckpointMeta:
 # HF side: config and tensors, validated before anything is written
 
 
-def _hf_config(hf_dir: Path):
+def read_hf_config(hf_dir: Path):
+    """The HF config of a model directory; ConversionError unless it is a Qwen2.5-VL one."""
     from transformers import AutoConfig
 
     path = hf_dir / "config.json"
@@ -347,7 +348,7 @@ class _Materializer:
                 raise ConversionError(f"{name}: conversion gives shape {list(full.shape)}, the "
                                       f"megatron parameter is {list(param.shape)}")
             self.cached = (sid, full.to(param.dtype).contiguous())
-            self.bytes += full.numel() * full.element_size()
+            self.bytes += self.cached[1].numel() * self.cached[1].element_size()  # as stored
             self.count += 1
             self.bar.update(1)
         return torch.as_strided(self.cached[1], view.size(), view.stride(),
@@ -450,7 +451,7 @@ def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    hf_config = _hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir)
     if dtype is None:
         stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         dtype = {v: k for k, v in _DTYPES.items()}.get(

@@ -1,0 +1,273 @@
+"""megatron-cppo-convert: Hugging Face Qwen2.5-VL <-> megatron_cppo (megatron-core distributed)
+checkpoints, at any tensor x pipeline parallel layout.
+
+    megatron-cppo-convert hf-to-megatron --hf-dir Qwen2.5-VL-7B-Instruct --out ckpt/tp2pp2 \
+        --tp 2 --pp 2
+    megatron-cppo-convert reshard --megatron-dir ckpt/tp2pp2 --out ckpt/tp4pp1 --tp 4 --pp 1
+    megatron-cppo-convert megatron-to-hf --megatron-dir ckpt/tp4pp1 --out Qwen2.5-VL-7B-cppo
+    megatron-cppo-convert verify --hf-dir Qwen2.5-VL-7B-Instruct --megatron-dir ckpt/tp2pp2
+
+The conversions live in ``megatron_cppo.convert.checkpoint`` (streaming, one parameter at a time;
+names and transforms from ``models/qwen2_5_vl/mapping.py``), the logits check in
+``megatron_cppo.convert.verify``. This module only parses flags, calls them and reports.
+
+Exit codes: 0 success; 1 ``verify`` found the logits further apart than the tolerance; 2 bad input
+(a one-line ``error: ...`` on stderr naming the file / tensor / setting, no traceback; no output
+directory is left behind). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+_EPILOG = """\
+journeys:
+  HF -> training layout   hf-to-megatron --hf-dir HF --out CKPT --tp 2 --pp 2
+  change the layout       reshard --megatron-dir CKPT --out CKPT2 --tp 4 --pp 1
+  export for serving      megatron-to-hf --megatron-dir CKPT2 --out HF_OUT
+  check a conversion      verify --hf-dir HF --megatron-dir CKPT
+
+exit codes: 0 ok, 1 verify above tolerance, 2 bad input (one-line error, no output left behind)
+"""
+
+
+def _fill(text: str) -> str:
+    # descriptions are wrapped here because the raw formatter (needed for the epilog tables)
+    # would print them as one line
+    return textwrap.fill(text, width=100)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count."""
+    s = text.strip().upper()
+    number = s.rstrip("KMGIB")
+    unit = s[len(number):]
+    try:
+        value = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 2GiB, got "
+                                         f"{text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (the old directory is removed only after the "
+                        "new one is complete); without it an existing --out is an error")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not draw the per-tensor progress bar (logs, CI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="megatron-cppo-convert", formatter_class=raw, epilog=_EPILOG,
+        description=_fill(
+            "Convert Qwen2.5-VL checkpoints between Hugging Face directories and megatron_cppo "
+            "checkpoints (megatron-core distributed checkpoints, reloadable at any tensor x "
+            "pipeline parallel layout), reshard them, and verify a conversion against "
+            "transformers."))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- hf-to-megatron
+    s = sub.add_parser(
+        "hf-to-megatron", formatter_class=raw,
+        help="Hugging Face directory -> megatron_cppo checkpoint",
+        description=_fill(
+            "Convert a Hugging Face Qwen2.5-VL directory (either key layout: "
+            "model.language_model.* / model.visual.* or the older model.* / visual.*; tied or "
+            "untied embeddings) into a megatron_cppo checkpoint for a TP x PP layout. Vocabulary "
+            "rows are padded where TP does not divide the vocabulary. The source directory is "
+            "recorded so that megatron-to-hf can copy its tokenizer and processor files."))
+    s.add_argument("--hf-dir", required=True, metavar="DIR",
+                   help="Hugging Face model directory (config.json + *.safetensors)")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="checkpoint directory to create (written to a temporary sibling and "
+                        "renamed when complete)")
+    s.add_argument("--tp", type=_positive_int, default=1, metavar="N",
+                   help="tensor-model-parallel size the checkpoint is laid out for (default 1; "
+                        "must divide the attention heads, query groups and MLP width)")
+    s.add_argument("--pp", type=_positive_int, default=1, metavar="M",
+                   help="pipeline-model-parallel size (default 1; must divide the language "
+                        "model's layers)")
+    s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
+                   help="vision tower layout: 'tp' shards it with the language model's TP, "
+                        "'replicated' keeps whole ViT weights on every TP rank (images split "
+                        "across the TP group). Default: 'tp' when TP < 4 and TP divides the ViT's "
+                        "heads and MLP width, else 'replicated'")
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="dtype of the stored weights (default: the HF config's torch_dtype, "
+                        "bf16 if it names none)")
+    _add_output_flags(s)
+
+    # ---- megatron-to-hf
+    s = sub.add_parser(
+        "megatron-to-hf", formatter_class=raw,
+        help="megatron_cppo checkpoint -> Hugging Face directory",
+        description=_fill(
+            "Export a megatron_cppo checkpoint (any layout) as a Hugging Face directory: "
+            "safetensors shards with model.safetensors.index.json (model.language_model.* / "
+            "model.visual.* / lm_head.weight names; no lm_head for tied embeddings; vocabulary "
+            "padding removed), config.json, generation_config.json, and the tokenizer / "
+            "processor / chat-template files of the source HF directory recorded in the "
+            "checkpoint metadata."))
+    s.add_argument("--megatron-dir", required=True, metavar="DIR",
+                   help="megatron_cppo checkpoint directory (megatron_cppo.json + model/)")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="Hugging Face directory to create (temporary sibling + rename)")
+    s.add_argument("--max-shard-size", type=_size, default=_size("5GB"), metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB (default, as save_pretrained), "
+                        "500MB, 2GiB; more than one shard comes with model.safetensors.index.json")
+    _add_output_flags(s)
+
+    # ---- reshard
+    s = sub.add_parser(
+        "reshard", formatter_class=raw,
+        help="megatron_cppo checkpoint -> the same at another TP x PP layout",
+        description=_fill(
+            "Rewrite a megatron_cppo checkpoint for another TP x PP layout (the layout is "
+            "validated against the model, the vocabulary padding adjusted). megatron-core loads "
+            "a distributed checkpoint at another layout directly unless the padded vocabulary "
+            "differs; a resharded checkpoint always loads as is."))
+    s.add_argument("--megatron-dir", required=True, metavar="DIR",
+                   help="source megatron_cppo checkpoint directory")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="checkpoint directory to create (temporary sibling + rename)")
+    s.add_argument("--tp", type=_positive_int, required=True, metavar="N",
+                   help="target tensor-model-parallel size")
+    s.add_argument("--pp", type=_positive_int, required=True, metavar="M",
+                   help="target pipeline-model-parallel size")
+    s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
+                   help="target vision tower layout (default: chosen for the target TP as in "
+                        "hf-to-megatron)")
+    _add_output_flags(s)
+
+    # ---- verify
+    s = sub.add_parser(
+        "verify", formatter_class=raw,
+        help="run transformers and the megatron checkpoint on a probe batch, compare logits",
+        description=_fill(
+            "Run transformers' Qwen2_5_VLForConditionalGeneration (fp32) on --hf-dir and the "
+            "megatron model loaded from --megatron-dir on the same probe batch; print the max "
+            "abs logit difference and the mean per-token KL(HF || megatron) over valid tokens. "
+            "The megatron model runs in fp32 from the checkpoint's weights, on tp x pp ranks of "
+            "the checkpoint's layout launched here (gloo on CPU; nccl with CUDA, one GPU per "
+            "rank). Exit code 1 above tolerance."),
+        epilog="default tolerances (max abs logit diff / mean KL), by the checkpoint's dtype:\n"
+               "  fp32        1e-4 / 1e-6\n"
+               "  bf16, fp16  5% of the largest |HF logit| / 1e-3 (the stored weights are\n"
+               "              rounded: an fp32 HF directory differs from them by that rounding)")
+    s.add_argument("--hf-dir", required=True, metavar="DIR",
+                   help="Hugging Face model directory to compare against (its processor is used "
+                        "for the built-in probe when it has one)")
+    s.add_argument("--megatron-dir", required=True, metavar="DIR",
+                   help="megatron_cppo checkpoint directory")
+    s.add_argument("--inputs", metavar="FILE", default=None,
+                   help="torch file (torch.save of a dict) holding processor outputs: input_ids "
+                        "and attention_mask [B, S], and for images pixel_values [P, patch_dim] "
+                        "and image_grid_thw [N, 3]. Default: a built-in batch of a chat-like "
+                        "text with one image and a text-only sample")
+    s.add_argument("--dump-logits", metavar="FILE", default=None,
+                   help="torch.save the megatron model's logits [B, S, V] (fp32, full "
+                        "vocabulary without TP padding, in the layout of the inputs; padding "
+                        "positions 0) to FILE")
+    s.add_argument("--tolerance", type=_positive_float, default=None, metavar="ABS",
+                   help="largest allowed max abs logit difference (default: by checkpoint "
+                        "dtype, see below)")
+    s.add_argument("--kl-tolerance", type=_positive_float, default=None, metavar="KL",
+                   help="largest allowed mean per-token KL(HF || megatron) in nats (default: by "
+                        "checkpoint dtype, see below)")
+    return p
+
+
+def _report(what: str, report, out: str) -> None:
+    print(f"{what}: {report.num_tensors} tensors, {report.bytes / 1e6:.1f} MB in "
+          f"{report.seconds:.1f} s ({report.mb_per_s:.1f} MB/s) -> {out}", flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # imported here: `--help` and argument errors stay fast (no megatron / transformers import)
+    from megatron_cppo.convert import checkpoint
+    from megatron_cppo.convert.verify import quiet_library_warnings
+
+    quiet_library_warnings()
+
+    progress = not getattr(args, "no_progress", False)
+    if args.command == "hf-to-megatron":
+        report = checkpoint.hf_to_megatron(
+            args.hf_dir, args.out, tp=args.tp, pp=args.pp,
+            vision_parallel=args.vision_parallel or "auto", dtype=args.dtype,
+            overwrite=args.overwrite, progress=progress)
+        _report("hf-to-megatron", report, args.out)
+    elif args.command == "megatron-to-hf":
+        report = checkpoint.megatron_to_hf(args.megatron_dir, args.out,
+                                           overwrite=args.overwrite, progress=progress,
+                                           max_shard_bytes=args.max_shard_size)
+        _report("megatron-to-hf", report, args.out)
+    elif args.command == "reshard":
+        report = checkpoint.reshard(args.megatron_dir, args.out, tp=args.tp, pp=args.pp,
+                                    vision_parallel=args.vision_parallel,
+                                    overwrite=args.overwrite, progress=progress)
+        _report("reshard", report, args.out)
+    elif args.command == "verify":
+        from megatron_cppo.convert.verify import verify
+
+        result = verify(args.hf_dir, args.megatron_dir, inputs=args.inputs,
+                        dump_logits=args.dump_logits, tolerance=args.tolerance,
+                        kl_tolerance=args.kl_tolerance)
+        print(result.summary(), flush=True)
+        if args.dump_logits:
+            print(f"megatron logits written to {args.dump_logits}", flush=True)
+        if not result.passed:
+            print(f"error: verify failed: {result.failure()}", file=sys.stderr, flush=True)
+            return EXIT_VERIFY_FAILED
+    else:  # argparse enforces the choices
+        raise AssertionError(args.command)
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:
+        # bad input (ConversionError, layout errors, an existing --out, unreadable paths): one
+        # line naming the file / tensor / setting; a traceback would only bury it
+        message = str(e).strip().replace("\n", " | ") or type(e).__name__
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The converter's command-line surface: the four subcommands with exactly the issue's flags (plus
+--overwrite, --no-progress, --max-shard-size and verify's tolerances), every flag documented, the
+installed console script and tools/convert/convert.py both answer --help. Freezing the surface here
+makes a new or renamed flag a deliberate change (style.md, example 4)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_cppo.convert import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SURFACE = {
+    "hf-to-megatron": {"--hf-dir", "--out", "--tp", "--pp", "--vision-parallel", "--dtype",
+                       "--overwrite", "--no-progress"},
+    "megatron-to-hf": {"--megatron-dir", "--out", "--max-shard-size", "--overwrite",
+                       "--no-progress"},
+    "reshard": {"--megatron-dir", "--out", "--tp", "--pp", "--vision-parallel", "--overwrite",
+                "--no-progress"},
+    "verify": {"--hf-dir", "--megatron-dir", "--inputs", "--dump-logits", "--tolerance",
+               "--kl-tolerance"},
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_surface_is_frozen_and_every_flag_has_help():
+    subs = _subparsers(cli.build_parser())
+    assert set(subs) == set(SURFACE)
+    for name, sub in subs.items():
+        flags = {a.option_strings[-1] for a in sub._actions if a.option_strings} - {"--help"}
+        assert flags == SURFACE[name], name
+        assert sub.description and len(sub.description) > 80, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 15, (name, action.option_strings)
+
+
+def test_choices_and_defaults_follow_the_issue():
+    p = cli.build_parser()
+    a = p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o"])
+    assert (a.tp, a.pp, a.vision_parallel, a.dtype, a.overwrite) == (1, 1, None, None, False)
+    a = p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o", "--tp", "2", "--pp", "4",
+                      "--vision-parallel", "replicated", "--dtype", "fp16"])
+    assert (a.tp, a.pp, a.vision_parallel, a.dtype) == (2, 4, "replicated", "fp16")
+    for bad in (["--vision-parallel", "dp"], ["--dtype", "fp8"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o", *bad])
+    a = p.parse_args(["verify", "--hf-dir", "h", "--megatron-dir", "m"])
+    assert (a.inputs, a.dump_logits, a.tolerance, a.kl_tolerance) == (None, None, None, None)
+    a = p.parse_args(["megatron-to-hf", "--megatron-dir", "m", "--out", "o",
+                      "--max-shard-size", "2GiB"])
+    assert a.max_shard_size == 2 * 2**30
+
+
+def test_console_script_and_tools_entry_answer_help():
+    exe = Path(sys.executable).parent / "megatron-cppo-convert"
+    outputs = []
+    for cmd in ([str(exe), "--help"], [sys.executable, str(ROOT / "tools/convert/convert.py"),
+                                      "verify", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: megatron-cppo-convert" in proc.stdout
+        outputs.append(proc.stdout)
+    assert all(name in outputs[0] for name in SURFACE)
+    assert "--dump-logits" in outputs[1] and "default tolerances" in outputs[1]
