@@ -36,12 +36,7 @@ grid_N3 [images, (t, h, w)], logits_BSV [batch, seq, vocab].
 
 from __future__ import annotations
 
-import os
-import pickle
-import socket
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -299,12 +294,6 @@ def _right_pad(batch: dict) -> tuple[dict, torch.Tensor]:
 # the megatron side: tp x pp ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[torch.Tensor]:
     """Forward-only through megatron's schedule; [B, S, V] fp32 on the last stage (every TP
     rank), None elsewhere."""
@@ -348,99 +337,52 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
     return torch.cat(parts, dim=-1)[..., :vocab_size].cpu()
 
 
-def _rank_main(local_rank: int, world_size: int, port: int, outdir: str, megatron_dir: str,
-               batch: dict, collective_timeout_min: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    if not torch.cuda.is_available():
-        os.environ["OMP_NUM_THREADS"] = "1"  # ranks share the cores
-        torch.set_num_threads(1)
+def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int):
+    """One megatron rank: build the checkpoint's layout, load it, return the full logits (from the
+    last stage's TP rank 0; None elsewhere). Teardown only after success (see parallel/launch.py)."""
     quiet_library_warnings()
-    status = os.path.join(outdir, f"rank{local_rank}")
-    try:
-        from megatron_cppo.convert.checkpoint import load_megatron_checkpoint, read_meta
-        from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
-        from megatron_cppo.parallel import ParallelConfig, initialize_parallel
+    from megatron_cppo.convert.checkpoint import load_megatron_checkpoint, read_meta
+    from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
+    from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
-        meta = read_meta(megatron_dir)
-        state = initialize_parallel(ParallelConfig(
-            tensor_model_parallel_size=meta.tp, pipeline_model_parallel_size=meta.pp,
-            distributed_timeout_minutes=collective_timeout_min))
-        mode = {"replicated": "dp_in_tp"}.get(meta.vision_parallel, meta.vision_parallel)
-        chunks = build_qwen2_5_vl(meta.hf_config, state, Qwen25VLModelConfig(
-            vision_parallel_mode=mode, dtype="fp32"))
-        load_megatron_checkpoint(chunks, megatron_dir, state)
-        for c in chunks:
-            c.eval()
-        vocab = int(meta.hf_config["text_config"]["vocab_size"]) \
-            if "text_config" in meta.hf_config else int(meta.hf_config["vocab_size"])
-        logits_BSV = _megatron_logits(state, chunks, batch, vocab)
-        if logits_BSV is not None and state.tp_rank == 0:
-            torch.save(logits_BSV, os.path.join(outdir, "logits.pt"))
-        result = ("ok", None)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-raises
-        kind = "user" if isinstance(e, (ValueError, OSError)) else "error"
-        result = (kind, (f"{type(e).__name__}: {e}", traceback.format_exc()))
-    with open(status + ".tmp", "wb") as f:
-        pickle.dump(result, f)
-    os.replace(status + ".tmp", status)
-    if result[0] != "ok":
-        os._exit(1)  # skip teardown: peers may be blocked in a collective with us
-    from megatron_cppo.parallel import destroy_parallel
-
+    meta = read_meta(megatron_dir)
+    state = initialize_parallel(ParallelConfig(
+        tensor_model_parallel_size=meta.tp, pipeline_model_parallel_size=meta.pp,
+        distributed_timeout_minutes=collective_timeout_min))
+    mode = {"replicated": "dp_in_tp"}.get(meta.vision_parallel, meta.vision_parallel)
+    chunks = build_qwen2_5_vl(meta.hf_config, state, Qwen25VLModelConfig(
+        vision_parallel_mode=mode, dtype="fp32"))
+    load_megatron_checkpoint(chunks, megatron_dir, state)
+    for c in chunks:
+        c.eval()
+    vocab = int(meta.hf_config["text_config"]["vocab_size"]) \
+        if "text_config" in meta.hf_config else int(meta.hf_config["vocab_size"])
+    logits_BSV = _megatron_logits(state, chunks, batch, vocab)
+    keep = logits_BSV if logits_BSV is not None and state.tp_rank == 0 else None
     destroy_parallel()
+    return keep
 
 
 def run_megatron(megatron_dir: str, batch: dict, world_size: int, *, timeout: float = 3600.0,
                  collective_timeout_min: int = 10) -> torch.Tensor:
     """Launch ``world_size`` ranks that load the checkpoint and return the logits [B, S, V]."""
-    import torch.multiprocessing as mp
+    from megatron_cppo.parallel.launch import RanksFailed, run_local_ranks
 
     if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
         raise VerifyError(f"the checkpoint's layout needs {world_size} ranks (one GPU each), "
                           f"{torch.cuda.device_count()} GPUs are visible")
-    with tempfile.TemporaryDirectory(prefix="mcppo_verify_") as outdir:
-        ctx = mp.start_processes(
-            _rank_main, args=(world_size, _free_port(), outdir, str(megatron_dir), batch,
-                              collective_timeout_min),
-            nprocs=world_size, join=False, start_method="spawn")
-        procs = ctx.processes
-        deadline = time.monotonic() + timeout
-        timed_out = False
-        while any(p.is_alive() for p in procs):
-            if any(p.exitcode not in (None, 0) for p in procs):
-                time.sleep(1.0)  # let the other failing ranks write their reports
-                break
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            time.sleep(0.05)
-        for p in procs:  # a failed rank leaves its peers blocked in a collective
-            if p.is_alive():
-                p.kill()
-            p.join()
-        reports = []
-        for rank, p in enumerate(procs):
-            path = os.path.join(outdir, f"rank{rank}")
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    reports.append(pickle.load(f))
-            else:
-                reports.append(("missing", None))
-        failed = [(r, rep) for r, rep in enumerate(reports) if rep[0] in ("user", "error")]
-        if failed:
-            if all(rep[0] == "user" for _, rep in failed):
-                rank, (_, (message, _tb)) = failed[0]
-                raise VerifyError(f"megatron rank {rank}: {message}")
-            raise RuntimeError("verify: megatron ranks failed\n" + "\n".join(
-                f"--- rank {r} raised:\n{rep[1][1]}" for r, rep in failed))
-        if timed_out or any(rep[0] != "ok" for rep in reports) \
-                or any(p.exitcode != 0 for p in procs):
-            why = f"timed out after {timeout:.0f} s" if timed_out else "no result"
-            raise RuntimeError(f"verify: megatron ranks did not finish ({why}; exit codes "
-                               f"{[p.exitcode for p in procs]})")
-        path = os.path.join(outdir, "logits.pt")
-        return torch.load(path, weights_only=True)
+    try:
+        results = run_local_ranks(_rank_main, world_size, timeout=timeout,
+                                  what="verify: megatron ranks failed",
+                                  args=(str(megatron_dir), batch, collective_timeout_min))
+    except RanksFailed as e:
+        reported = [err for err in e.errors if err.traceback]
+        if reported and all(err.user_error for err in reported):
+            raise VerifyError(f"megatron rank {reported[0].rank}: {reported[0].message}") \
+                from None
+        raise RuntimeError(str(e)) from None
+    (logits_BSV,) = [r for r in results if r is not None]
+    return logits_BSV
 
 
 # ----------------------------------------------------------------------------------------------

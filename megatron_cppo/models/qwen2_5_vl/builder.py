@@ -133,27 +133,20 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], hf_state_dict: Mapping[st
     used: set[str] = set()
     for chunk in chunks:
         model = unwrap(chunk)
+        params = {model.global_param_name(local): p for local, p in model.named_parameters()}
+        tensors = mapping.hf_to_mcore(hf_sd, model.dims, tp_rank=state.tp_rank,
+                                      tp_size=state.tp_size,
+                                      vision_tp_size=model.layout.vision_tp_size,
+                                      names=list(params))
         table = mapping.rule_table(model.dims)
-        for local, param in model.named_parameters():
-            name = model.global_param_name(local)
-            rule = table.get(name)
-            if rule is None:
-                raise KeyError(f"no HF mapping for parameter {local!r} ({name!r})")
-            missing = [h for h in rule.hf if h not in hf_sd]
-            if missing:
-                raise KeyError(f"HF state dict lacks {missing} (needed for {name!r})")
-            vision = name.startswith(mapping.MC_VISION)
-            vtp = model.layout.vision_tp_size
-            tensor = mapping.mcore_from_hf(
-                rule, [hf_sd[h] for h in rule.hf], model.dims,
-                tp_rank=(state.tp_rank if vtp > 1 else 0) if vision else state.tp_rank,
-                tp_size=vtp if vision else state.tp_size)
+        for name, param in params.items():
+            tensor = tensors[name]
             if tensor.shape != param.shape:
                 raise ValueError(f"{name}: HF gives shape {tuple(tensor.shape)}, the parameter is "
                                  f"{tuple(param.shape)}")
             with torch.no_grad():
                 param.copy_(tensor)
-            used.update(rule.hf)
+            used.update(table[name].hf)
     return used
 
 
