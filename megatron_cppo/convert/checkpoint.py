@@ -18,6 +18,9 @@ exactly as training will load them, and no parameter memory is allocated.
     parameter's size, then mapped to HF tensors and streamed into safetensors shards.
 Peak memory is about one parameter (the largest: the embedding) plus the HF tensors it is made of.
 
+Training saves and loads the same format from its live layout with ``save_megatron_checkpoint`` /
+``load_megatron_checkpoint`` (megatron-core's own distributed save and load, collective).
+
 Names and transforms all come from ``megatron_cppo.models.qwen2_5_vl.mapping`` (one source of truth).
 """
 
@@ -567,7 +570,57 @@ def _copy_aux_files(source: Optional[str], dest: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# loading into a training / evaluation model at any layout
+# saving from / loading into a training or evaluation model at any layout
+
+
+def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, *, hf_config,
+                             source_hf_dir: Optional[str] = None,
+                             overwrite: bool = False) -> None:
+    """Save this rank's chunks (collective over all ranks) as a megatron_cppo checkpoint, the way
+    training does: megatron-core's distributed save from the live layout, plus the metadata.
+    Failure-atomic: ranks write into a temporary sibling that rank 0 renames when all are done."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_cppo.models.qwen2_5_vl.builder import unwrap
+    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
+
+    out_dir = Path(out_dir).absolute()
+    model = unwrap(chunks[0])
+    dtype = {v: k for k, v in _DTYPES.items()}[next(chunks[0].parameters()).dtype]
+    tmp = [None]
+    if state.rank == 0:
+        check_output_dir(out_dir, overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        tmp = [tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent)]
+        (Path(tmp[0]) / MODEL_SUBDIR).mkdir()
+    dist.broadcast_object_list(tmp, src=0)
+    tmp_dir = Path(tmp[0])
+    error = None
+    try:
+        sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        dist_checkpointing.save(sharded, str(tmp_dir / MODEL_SUBDIR))
+    except Exception as e:  # every rank must still reach the agreement below
+        error = e
+    ok = torch.tensor([0 if error else 1])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if int(ok) == 0:
+        if state.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise error if error is not None else RuntimeError(
+            "another rank failed to save the checkpoint; nothing was written")
+    if state.rank == 0:
+        CheckpointMeta(format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
+                       hf_config=load_hf_config(hf_config).to_dict(),
+                       source_hf_dir=source_hf_dir, tp=state.tp_size, pp=state.pp_size,
+                       vision_parallel=model.layout.vision_parallel_mode, dtype=dtype,
+                       padded_vocab_size=model.layout.padded_vocab_size).write(tmp_dir)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    dist.barrier()
+
 
 
 def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], megatron_dir,

@@ -81,3 +81,44 @@ def test_megatron_loader_reads_converted_checkpoint(converted, layout):
         assert set(got) == set(want), set(got) ^ set(want)
         bad = [k for k in want if not torch.equal(got[k], want[k])]
         assert not bad, f"{layout} tied={tied} {mode}: differ after loading: {bad[:5]}"
+
+
+def _save_from_layout(state, src, dst, vision_mode):
+    """What training does: load, then save from the live (tp, pp) layout with megatron's save."""
+    from megatron_cppo.convert.checkpoint import (load_megatron_checkpoint, read_meta,
+                                                  save_megatron_checkpoint)
+    from megatron_cppo.models.qwen2_5_vl.builder import build_qwen2_5_vl
+    from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig
+
+    meta = read_meta(src)
+    chunks = build_qwen2_5_vl(meta.hf_config, state,
+                              Qwen25VLModelConfig(vision_parallel_mode=vision_mode))
+    load_megatron_checkpoint(chunks, src, state)
+    save_megatron_checkpoint(chunks, dst, state, hf_config=meta.hf_config,
+                             source_hf_dir=meta.source_hf_dir)
+
+
+@pytest.mark.parametrize("vision_mode", ["tp", "dp_in_tp"])
+def test_checkpoint_saved_by_training_layout_exports_and_reshards(converted, tmp_path,
+                                                                  vision_mode):
+    """A checkpoint saved from a live TP2 x PP2 model (replicated or sharded ViT, tied embeddings
+    on both pipeline ends) exports to the original HF tensors bit for bit, also after a reshard
+    to TP1 x PP2 (which strips the TP2 vocabulary padding)."""
+    from megatron_cppo.convert.checkpoint import megatron_to_hf, read_meta, reshard
+
+    hf, root = converted[True]
+    saved = tmp_path / "saved"
+    run_on_ranks(_save_from_layout, 4, tp=2, pp=2,
+                 args=(str(root / "mc_True_22"), str(saved), vision_mode))
+    meta = read_meta(saved)
+    assert (meta.tp, meta.pp, meta.padded_vocab_size) == (2, 2, 1532)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
+    reshard(saved, tmp_path / "rs", tp=1, pp=2, progress=False)
+    want = _hf_tensors(hf)
+    for ckpt in (saved, tmp_path / "rs"):
+        out = tmp_path / f"hf_{ckpt.name}"
+        megatron_to_hf(ckpt, out, progress=False)
+        got = _hf_tensors(out)
+        assert set(got) == set(want)
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, f"{ckpt.name}: {bad[:5]}"
