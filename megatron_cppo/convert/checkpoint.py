@@ -16,7 +16,10 @@ exactly as training will load them, and no parameter memory is allocated.
     the writer stores one chunk at a time;
   * reading: each parameter's chunks are read from the checkpoint's storage into a buffer of that
     parameter's size, then mapped to HF tensors and streamed into safetensors shards.
-Peak memory is about one parameter (the largest: the embedding) plus the HF tensors it is made of.
+Peak memory does not grow with the model: writing holds about one parameter (the largest: the
+embedding) plus the HF tensors it is made of; reading holds about three copies of one parameter
+(the storage bytes, the deserialised chunk, the assembled buffer). benchmarks/RESULTS.md has the
+measurements.
 
 Training saves and loads the same format from its live layout with ``save_megatron_checkpoint`` /
 ``load_megatron_checkpoint`` (megatron-core's own distributed save and load, collective).
