@@ -37,7 +37,6 @@ class DistributedTestFailure(AssertionError):
 def _rank(fn, args, kwargs, megatron, parallel_kwargs, collective_timeout_min):
     """One rank: set up the groups, run the check, tear down (only reached on success)."""
     import datetime
-    import os
 
     import torch.distributed as dist
 

@@ -98,8 +98,6 @@ def _full_reference(runs, dist_opt, what):
 
 def _expected_shard(full, name, rec, cfg):
     """Slice the (1,1) tensor the way this record's rank holds it (see toy_gpt.tp_slice)."""
-    from megatron_cppo import toy_gpt
-
     if rec["tp"] == 1:
         return full
     column = (".linear_qkv.", ".linear_fc1.", "word_embeddings", "output_layer")
