@@ -37,20 +37,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
 VARIANTS = ("cppo", "megatron", "megatron_nograd", "gather")
 GIB = 1024 ** 3
@@ -253,9 +252,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _worker(rank, world, port, outdir, cfg):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _worker(cfg):
+    """One rank (env:// variables set by megatron_cppo.parallel.launch); returns its measurements."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cuda = cfg["device"] == "cuda"
     torch.set_num_threads(cfg["threads"])
     if cuda:
@@ -334,28 +333,19 @@ def _worker(rank, world, port, outdir, cfg):
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
     result = dict(rank=rank, peak=peak, rss_peak=rss_peak, times=times, cpu_times=cpu_times)
-    torch.save(dict(result=result, outputs=checksum), os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     if variant.startswith("megatron"):
         from megatron.core import parallel_state as mpu
 
         mpu.destroy_model_parallel()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return dict(result=result, outputs=checksum)
 
 
 def measure(variant, tokens, *, tp, vocab, chunk_size, reps, device, threads, num_seqs):
     cfg = dict(variant=variant, tokens=tokens, vocab=vocab, chunk_size=chunk_size, reps=reps,
                device=device, threads=threads, num_seqs=num_seqs)
-    with tempfile.TemporaryDirectory(prefix="loss_head_") as outdir:
-        mp.start_processes(_worker, args=(tp, _free_port(), outdir, cfg), nprocs=tp,
-                           start_method="spawn")
-        ranks = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(tp)]
+    ranks = run_local_ranks(_worker, tp, args=(cfg,))
     res = [r["result"] for r in ranks]
     rss = [r["rss_peak"] for r in res if r["rss_peak"] is not None]
     return dict(variant=variant, tokens=tokens, chunk_size=chunk_size,

@@ -27,16 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,9 +112,10 @@ def model_flops(hf_config, *, tokens_per_seq, num_seqs, image_hw) -> float:
 # one measurement on spawned ranks
 
 
-def _worker(rank, world, port, outdir, cfg):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(cfg):
+    """One rank (env:// variables set by megatron_cppo.parallel.launch); rank 0 returns the
+    timings, the others None."""
+    rank = int(os.environ["RANK"])
     cuda = cfg["gpu"]
     if not cuda:
         torch.set_num_threads(cfg["threads"])
@@ -174,26 +174,16 @@ def _worker(rank, world, port, outdir, cfg):
         if i >= cfg["warmup"]:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-    if rank == 0:
-        with open(os.path.join(outdir, "result.json"), "w") as f:
-            json.dump(dict(step_s=statistics.median(times), times=times, peak_gib=peak), f)
     destroy_parallel()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    if rank == 0:
+        return dict(step_s=statistics.median(times), times=times, peak_gib=peak)
+    return None
 
 
 def measure(cfg: dict) -> dict:
     world = cfg["tp"] * cfg["pp"]
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.start_processes(_worker, args=(world, _free_port(), outdir, cfg), nprocs=world,
-                           start_method="spawn")
-        with open(os.path.join(outdir, "result.json")) as f:
-            return json.load(f)
+    return run_local_ranks(_worker, world, args=(cfg,))[0]
 
 
 # ----------------------------------------------------------------------------------------------

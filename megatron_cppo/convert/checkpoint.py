@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +199,7 @@ def _single_process_parallel():
     """megatron parallel state for one process (TP = PP = 1), torn down afterwards. Refused
     inside a multi-rank job: conversion is a single-process tool."""
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_cppo.parallel.launch import free_port
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
@@ -211,11 +211,8 @@ def _single_process_parallel():
             raise RuntimeError("megatron parallel state is already initialised in this process")
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                             "MASTER_PORT")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(free_port()))
     try:
         state = initialize_parallel(ParallelConfig())
         try:
