@@ -244,10 +244,12 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------------------
     # weight update
 
-    def begin_update(self, manifest: Mapping[str, tuple[tuple[int, ...], Any]]) -> None:
+    def begin_update(self, manifest: Mapping[str, tuple[tuple[int, ...], Any]], *,
+                     omitted: Sequence[str] = ()) -> None:
         """Check ``manifest`` (HF name, either layout -> (shape, dtype)) against the engine's
-        tensors; raise RefitError naming the first missing / extra / misshaped one. Only then
-        start the layerwise reload."""
+        tensors, except those under the HF name prefixes ``omitted`` (kept as they are); raise
+        RefitError naming the first missing / extra / misshaped one. Only then start the
+        layerwise reload."""
         from megatron_cppo.models.qwen2_5_vl.mapping import normalize_hf_key
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
@@ -258,8 +260,9 @@ class VLLMEngine:
             if new in names:
                 raise RefitError(f"refit sends {new!r} twice")
             names[new] = tuple(shape)
-        missing = sorted(set(self.expected) - set(names))
-        extra = sorted(set(names) - set(self.expected))
+        expected = {n for n in self.expected if not n.startswith(tuple(omitted))}
+        missing = sorted(expected - set(names))
+        extra = sorted(set(names) - expected)
         if missing:
             raise RefitError(f"refit lacks tensor {missing[0]!r} ({len(missing)} missing)")
         if extra:
@@ -324,9 +327,10 @@ class VLLMEngine:
             self._update = None
 
     def update_weights(self, tensors: Iterable[tuple[str, torch.Tensor]],
-                       manifest: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict:
-        """One-call update for callers holding every tensor (single process, tests)."""
-        self.begin_update(manifest)
+                       manifest: Mapping[str, tuple[tuple[int, ...], Any]], *,
+                       omitted: Sequence[str] = ()) -> dict:
+        """One-call update for callers holding every tensor (single process, benchmarks)."""
+        self.begin_update(manifest, omitted=omitted)
         self.load_bucket(tensors)
         return self.finish_update()
 

@@ -61,6 +61,19 @@ class RefitTarget:
     def connect(self) -> Connection:
         return Client(self.address, family="AF_UNIX", authkey=self.authkey)
 
+    def query(self, what: str, *args):
+        """From any process (e.g. a megatron rank): "version", "digests" or "score" (the
+        arguments of ``VLLMEngine.score``). Not during a refit by the same process."""
+        conn = self.connect()
+        try:
+            conn.send((what,) + args)
+            status, payload = conn.recv()
+        finally:
+            conn.close()
+        if status != "ok":
+            raise RuntimeError(payload)
+        return payload
+
 
 class EngineProcess:
     """Owner handle of an engine process (see the module docstring)."""
@@ -190,6 +203,11 @@ class _RefitSession:
             conn.send(("ok", self.engine.weight_digests()))
         elif kind == "version":
             conn.send(("ok", self.engine.version))
+        elif kind == "score":
+            try:
+                conn.send(("ok", self.engine.score(*msg[1:])))
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                conn.send(("error", f"{type(e).__name__}: {e}"))
         elif kind == "begin":
             _, info = msg
             if self.update_id is None:
@@ -208,8 +226,9 @@ class _RefitSession:
                     if name in manifest:
                         return self._fail(f"refit tensor {name!r} is sent by two pipeline stages")
                     manifest[name] = entry
+            omitted = tuple(p for b in self.begins.values() for p in b.get("omitted", ()))
             try:
-                self.engine.begin_update(manifest)
+                self.engine.begin_update(manifest, omitted=omitted)
             except (RefitError, RuntimeError) as e:
                 return self._fail(str(e))
             self.started = True
@@ -324,3 +343,7 @@ def _serve(config: RolloutConfig, owner: Connection, target: RefitTarget) -> Non
                 owner.send(("error", (type(e).__name__, f"{type(e).__name__}: {e}")))
     listener.close()
     engine.shutdown()
+    owner.close()
+    # vLLM's exit handlers can stall an interpreter that ran an in-process engine (measured: the
+    # process outlived a 30 s join); everything of ours is closed, so leave at once
+    os._exit(0)

@@ -2,7 +2,7 @@
 
 Called collectively by every rank of the layout after an optimizer step:
 
-    result = refit_from_chunks(chunks, state, engine.target, bucket_mb=256)   # all ranks
+    result = refit_from_chunks(chunks, state, engine.target, rollout_config)   # all ranks
     result.version  # the engine's new weight version (same on every rank)
 
 Per pipeline stage, in parallel (only data-parallel replica 0 takes part; the others hold the same
@@ -68,6 +68,9 @@ class StageModel:
     params: dict[str, torch.Tensor]
     dims: Qwen25VLDims
     vision_tp_size: int
+    # HF name prefixes deliberately not sent (a frozen ViT: "model.visual."); the engine keeps
+    # its own tensors there
+    omitted: tuple[str, ...] = ()
 
     @classmethod
     def from_chunks(cls, chunks: Sequence[torch.nn.Module], *,
@@ -82,7 +85,8 @@ class StageModel:
                 if include_vision or not name.startswith(mapping.MC_VISION):
                     params[name] = p
         first = unwrap(chunks[0])
-        return cls(params=params, dims=first.dims, vision_tp_size=first.layout.vision_tp_size)
+        return cls(params=params, dims=first.dims, vision_tp_size=first.layout.vision_tp_size,
+                   omitted=() if include_vision else (mapping.HF_VISION,))
 
 
 def _rules(stage: StageModel):
@@ -206,7 +210,7 @@ def _agree(status: dict, group) -> list[dict]:
     return out
 
 
-def refit(stage: StageModel, state, target: RefitTarget, *, bucket_mb: int = 256,
+def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 256 * 2 ** 20,
           verify: bool = False, group=None) -> RefitResult:
     """Collective over ``group`` (default: every rank): push this layout's weights into the engine
     at ``target``. See the module docstring. Raises RefitError on every rank if the engine refused
@@ -223,11 +227,12 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_mb: int = 256
         go = [None]
         if is_sender:
             try:
-                sender = _Sender(target, bucket_mb * 2 ** 20)
+                sender = _Sender(target, bucket_bytes)
                 reply = sender.request(("begin", {
                     "update_id": f"{os.getppid()}-{next(_update_ids)}",
                     "num_senders": state.pp_size,
                     "manifest": stage_manifest(stage, state.tp_size, dtype),
+                    "omitted": list(stage.omitted),
                     "shm": sender.shm.name}))
                 go = [None if reply[0] == "go" else reply[1]]
             except Exception as e:  # noqa: BLE001 - shared with the TP peers below
@@ -269,10 +274,13 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_mb: int = 256
     return result
 
 
-def refit_from_chunks(chunks, state, target: RefitTarget, *, bucket_mb: int = 256,
-                      verify: bool = False, include_vision: bool = True) -> RefitResult:
+def refit_from_chunks(chunks, state, target: RefitTarget, config=None, *,
+                      include_vision: bool = True) -> RefitResult:
+    """``refit`` with the bucket size and verification switch of a ``RolloutConfig``."""
+    bucket_mb = config.refit_bucket_mb if config is not None else 256
+    verify = config.verify_refit if config is not None else False
     return refit(StageModel.from_chunks(chunks, include_vision=include_vision), state, target,
-                 bucket_mb=bucket_mb, verify=verify)
+                 bucket_bytes=bucket_mb * 2 ** 20, verify=verify)
 
 
 def verify_refit(stage: StageModel, state, target: RefitTarget, *, group=None) -> Optional[str]:
@@ -285,10 +293,7 @@ def verify_refit(stage: StageModel, state, target: RefitTarget, *, group=None) -
     if state.dp_rank == 0:
         engine_digests = None
         if state.tp_rank == 0:
-            conn = target.connect()
-            conn.send(("digests",))
-            status, engine_digests = conn.recv()
-            conn.close()
+            engine_digests = target.query("digests")
             if not engine_digests:  # still join the gathers below: the TP peers are in them
                 first = "(no digests: the engine must run with verify_refit=True)"
         for name, t in iter_hf_tensors(stage, state.tp_group, dtype):
