@@ -152,6 +152,7 @@ class VLLMEngine:
         self.digests: dict[str, str] = {}  # HF name -> digest of what the last refit loaded
         self._update: Optional[dict] = None
         self.broken: Optional[str] = None
+        self._asleep = False
 
     # ------------------------------------------------------------------------------------------
     # sampling support
@@ -271,7 +272,8 @@ class VLLMEngine:
             if shape != tuple(self.expected[name][0]):
                 raise RefitError(f"refit tensor {name!r} has shape {shape}, the engine's is "
                                  f"{tuple(self.expected[name][0])}")
-        self._sleep_guard(wake=True)
+        if self._asleep:  # colocated GPU: the weights must be resident while they are written
+            self.llm.wake_up(tags=["weights"])
         initialize_layerwise_reload(self.model)
         self._update = {"pending": set(names), "digests": {}, "bytes": 0,
                         "t0": time.perf_counter()}
@@ -334,12 +336,6 @@ class VLLMEngine:
         self.load_bucket(tensors)
         return self.finish_update()
 
-    def _sleep_guard(self, wake: bool) -> None:
-        """GPU colocated placement: weights must be resident while they are written (vLLM's sleep
-        level 1 keeps them; no-op on CPU where sleep mode does not exist)."""
-        if torch.cuda.is_available() and wake and getattr(self, "_asleep", False):
-            self.llm.wake_up(tags=["weights"])
-
     def sleep(self) -> None:
         """Free the KV cache between rollouts (GPU colocated placement; a no-op on CPU)."""
         if torch.cuda.is_available():
@@ -347,7 +343,7 @@ class VLLMEngine:
             self._asleep = True
 
     def wake_up(self) -> None:
-        if torch.cuda.is_available() and getattr(self, "_asleep", False):
+        if self._asleep:
             self.llm.wake_up()
             self._asleep = False
 

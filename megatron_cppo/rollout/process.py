@@ -273,17 +273,24 @@ class _RefitSession:
             self._fail("another refit sender disconnected")
 
 
-def _attach(name: str):
-    """Attach to a sender's block. The sender owns (and unlinks) it: keep this process's resource
-    tracker from unlinking it again at exit."""
-    from multiprocessing import resource_tracker, shared_memory
+class _Attached:
+    """A sender's shared-memory block, mapped read-only-by-convention. Opened through /dev/shm
+    rather than ``SharedMemory(name)``: attaching that way registers the block with this process's
+    resource tracker (Python < 3.13), which then unlinks or double-unregisters blocks the sender
+    owns and removes itself."""
 
-    shm = shared_memory.SharedMemory(name=name)
-    try:
-        resource_tracker.unregister(shm._name, "shared_memory")
-    except Exception:  # noqa: BLE001 - the tracker API is private; a warning at exit at worst
-        pass
-    return shm
+    def __init__(self, name: str):
+        import mmap
+
+        with open(os.path.join("/dev/shm", name.lstrip("/")), "r+b") as f:
+            self.buf = mmap.mmap(f.fileno(), 0)
+
+    def close(self) -> None:
+        self.buf.close()
+
+
+def _attach(name: str) -> _Attached:
+    return _Attached(name)
 
 
 def _serve(config: RolloutConfig, owner: Connection, target: RefitTarget) -> None:

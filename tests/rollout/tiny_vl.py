@@ -92,8 +92,7 @@ def random_state(model, seed: int) -> None:
 
 def write_checkpoint(path: str, *, seed: int = 0) -> str:
     """Save the model (fp32, legacy key layout as transformers writes it), tokenizer, processor."""
-    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor)
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
@@ -103,6 +102,14 @@ def write_checkpoint(path: str, *, seed: int = 0) -> str:
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = BPE_SIZE  # <|endoftext|>
     model.save_pretrained(path)
+    write_tokenizer_and_processor(path)
+    return path
+
+
+def write_tokenizer_and_processor(path: str) -> None:
+    """The tokenizer, image processor and chat template files vLLM and transformers read."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
     tokenizer = _tokenizer()
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 112)
     try:
@@ -115,7 +122,6 @@ def write_checkpoint(path: str, *, seed: int = 0) -> str:
                                     video_processor=video, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
 
 
 def image(seed: int, size=(224, 112)):
