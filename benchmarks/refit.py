@@ -70,8 +70,12 @@ def hf_config(size: str):
                   out_hidden_size=spec["text"]["hidden_size"], hidden_act="silu")
     ids = dict(image_token_id=412, video_token_id=413, vision_start_token_id=409,
                vision_end_token_id=410)  # the tiny tokenizer's specials
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                            tie_word_embeddings=spec["tied"], dtype="bfloat16", **ids)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                              tie_word_embeddings=spec["tied"], dtype="bfloat16", **ids)
+    # without it vLLM guesses the model class (it picked a pooling adapter, whose weight loading
+    # fails on reload)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config
 
 
 def write_checkpoint(path: Path, config) -> int:

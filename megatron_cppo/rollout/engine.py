@@ -141,6 +141,11 @@ class VLLMEngine:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        runner = getattr(self.llm.llm_engine.model_config, "runner_type", "generate")
+        if runner != "generate":
+            raise ValueError(f"{config.model_path}: vLLM serves this model as a {runner!r} model, "
+                             f"not a generative one (does config.json name the architecture "
+                             f"Qwen2_5_VLForConditionalGeneration?)")
         self.load_seconds = time.perf_counter() - t0
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.valid_vocab = len(self.tokenizer)

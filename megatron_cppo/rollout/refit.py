@@ -29,7 +29,6 @@ pipeline-stage, parameter order) is named. Shapes: HF tensors as in the checkpoi
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
@@ -229,7 +228,8 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
             try:
                 sender = _Sender(target, bucket_bytes)
                 reply = sender.request(("begin", {
-                    "update_id": f"{os.getppid()}-{next(_update_ids)}",
+                    # refit is collective, so every sender's counter is at the same value
+                    "update_id": next(_update_ids),
                     "num_senders": state.pp_size,
                     "manifest": stage_manifest(stage, state.tp_size, dtype),
                     "omitted": list(stage.omitted),
@@ -242,7 +242,10 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
                                    group=state.tp_group)
         if go[0] is None:
             for name, t in iter_hf_tensors(stage, state.tp_group, dtype):
-                sender.add(name, t)
+                try:
+                    sender.add(name, t)
+                except Exception as e:  # noqa: BLE001 - keep joining the TP gathers
+                    sender.error = sender.error or f"sending {name!r}: {type(e).__name__}: {e}"
             if is_sender:
                 sender.flush()
                 if sender.error is None:
