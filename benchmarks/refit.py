@@ -23,7 +23,6 @@ KV groups, FFN 4864, vocabulary 151936, untied) with a 4-block ViT of 640; 3b = 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys

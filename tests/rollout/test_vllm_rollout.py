@@ -36,7 +36,7 @@ from megatron_cppo.rollout.evaluate import chat_prompt, evaluate, load_eval_reco
 from megatron_cppo.rollout.metrics import rollout_vs_train_logprob_diff  # noqa: E402
 from megatron_cppo.rollout.process import EngineProcess  # noqa: E402
 
-TOL_LOGPROB = 1e-4  # fp32 both sides; measured ~1e-6
+TOL_LOGPROB = 1e-4  # fp32 both sides; measured <= 1.9e-6 (before the refit: 1.3-2.7)
 BUCKET_BYTES = 100_000
 QUESTIONS = ("What is shown?", "Count the red squares.")
 
