@@ -233,6 +233,9 @@ class _RefitSession:
                 return self._fail(str(e))
             self.started = True
             self._to_all(("go",))
+        elif kind in ("bucket", "shm", "end") and conn not in self.begins:
+            # this sender's update was already aborted (it has been sent the reason)
+            conn.send(("error", "no refit in progress on this connection"))
         elif kind == "bucket":
             _, entries = msg
             buf = self.shm[conn].buf
@@ -333,7 +336,14 @@ def _serve(config: RolloutConfig, owner: Connection, target: RefitTarget) -> Non
                 session.lost(conn)
                 continue
             if conn is not owner:
-                session.handle(conn, msg)
+                try:
+                    session.handle(conn, msg)
+                except Exception as e:  # noqa: BLE001 - never let a bad peer stop the server
+                    session.lost(conn)
+                    try:
+                        conn.send(("error", f"{type(e).__name__}: {e}"))
+                    except OSError:
+                        pass
                 continue
             method, args = msg
             if method == "shutdown":
