@@ -14,6 +14,7 @@ Proven here, in fp32 on both sides (vLLM's CPU kernels vs megatron / transformer
   * verification passes after a refit and names the one tensor corrupted afterwards; a refit that
     lacks a tensor, or sends a misshaped one, raises RefitError naming it on every rank and leaves
     the engine on its previous version, and the engine still serves afterwards;
+  * an in-process engine is refused in a process running under the CPU platform patches;
   * avg@N evaluation over a parquet writes one JSONL line per response and averages the grader.
 Not proven: bf16 tolerances, the GPU placements (CUDA IPC / NCCL, sleep/wake), DP > 1 senders.
 """
@@ -165,7 +166,14 @@ def _refit_check(state, ckpt, target, probe, valid_vocab):
                                                  load_hf_weights)
     from megatron_cppo.rollout.refit import StageModel, refit, verify_refit
 
+    from megatron_cppo.rollout import VLLMEngine
+
     leader = state.is_last_stage and state.tp_rank == 0
+    try:  # the ranks run under the CPU platform patches: an engine here must be refused
+        VLLMEngine(RolloutConfig(model_path=ckpt, placement="inprocess"))
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
     item = RolloutItem(prompt=probe["prompt"], image=probe["image"])
     prompt_ids = probe["input_ids"][0, :probe["prompt_len"]].tolist()
     continuation = probe["input_ids"][0, probe["prompt_len"]:].tolist()
@@ -215,6 +223,7 @@ def _refit_check(state, ckpt, target, probe, valid_vocab):
                     res[case] = str(e)
             res["version_after_refused"] = target.query("version")
         results[mode] = res
+    results["inprocess_refused"] = refused
     return results
 
 
@@ -254,6 +263,7 @@ def test_refit_from_megatron(env, probe, tp, pp):
               f", mean {diff:.2e}, before refit {float((before - trainer).abs().max()):.2e}")
         assert (after - trainer).abs().max() < TOL_LOGPROB, (mode, diff)
         assert (before - trainer).abs().max() > 1e-2, mode
+    assert all("platform" in r["inprocess_refused"] for r in results)
     res = leader["tp"]
     first_stage = results[0]["tp"]  # every rank agrees on the verification outcome
     for r in [res, first_stage]:
