@@ -16,7 +16,8 @@ random bf16 weights measure, in the same run, each repeated ``--reps`` times (me
   (c) refit      ``rollout.refit.refit``: (a) + shared-memory buckets + vLLM's layerwise reload +
                  cache resets, until the engine reports the new version.
 MB/s = HF checkpoint bytes / seconds (time on global rank 0, from a barrier to the end of the
-call). Sizes: tiny = the rollout tests' model; 0.5b = Qwen2.5-0.5B's LM (24 x 896, 14 heads / 2
+call). Peak extra MB: the largest rise of RssAnon + RssShmem over a call, on any rank (the bound to
+check: one bucket plus a gathered tensor, not the model). Sizes: tiny = the rollout tests' model; 0.5b = Qwen2.5-0.5B's LM (24 x 896, 14 heads / 2
 KV groups, FFN 4864, vocabulary 151936, untied) with a 4-block ViT of 640; 3b = Qwen2.5-VL-3B.
 """
 
@@ -103,6 +104,38 @@ def write_checkpoint(path: Path, config) -> int:
 # megatron ranks
 
 
+class PeakRss:
+    """Peak of RssAnon + RssShmem of this process (sampled every 5 ms in a thread): the refit's
+    extra memory is gathered tensors (anonymous) plus the shared-memory bucket (shmem)."""
+
+    def __init__(self):
+        import threading
+
+        self.base = self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _now() -> int:
+        total = 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._now())
+
+    def stop(self) -> int:
+        """Peak bytes above the level at construction."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._now()) - self.base
+
+
 def _rank(ckpt: str, tp: int, pp: int, target, bucket_bytes: int, reps: int, scratch: str):
     import torch
     import torch.distributed as dist
@@ -141,21 +174,29 @@ def _rank(ckpt: str, tp: int, pp: int, target, bucket_bytes: int, reps: int, scr
     def push():
         return refit(stage, state, target, bucket_bytes=bucket_bytes)
 
+    import gc
+
     times = {"stream": [], "disk": [], "refit": []}
+    extra = {"stream": [], "disk": [], "refit": []}
     version = None
     for _ in range(reps):
         for name, fn in (("stream", stream), ("disk", disk), ("refit", push)):
+            gc.collect()
             dist.barrier()
+            peak = PeakRss()
             t0 = time.perf_counter()
             result = fn()
             dist.barrier()
             times[name].append(time.perf_counter() - t0)
+            extra[name].append(peak.stop())
             if name == "refit":
                 version = result.version
             if name == "disk" and state.tp_rank == 0:
                 shutil.rmtree(Path(scratch) / f"stage{state.pp_rank}", ignore_errors=True)
     destroy_parallel()
-    return {"times": times, "version": version}
+    largest = max(p.numel() * p.element_size() for p in stage.params.values())
+    return {"times": times, "extra": extra, "version": version, "largest_param": largest,
+            "params": sum(p.numel() * p.element_size() for p in stage.params.values())}
 
 
 def main(argv=None):
@@ -206,17 +247,21 @@ def main(argv=None):
             disk = statistics.median(times["disk"])
             for name in ("stream", "disk", "refit"):
                 sec = statistics.median(times[name])
-                rows.append((size, nbytes, name, sec, nbytes / 2**20 / sec, disk / sec))
+                peak = max(max(r["extra"][name]) for r in results) / 2**20
+                rows.append((size, nbytes, name, sec, nbytes / 2**20 / sec, disk / sec, peak))
+            print(f"[{size}] rank 0 holds {results[0]['params'] / 2**20:.1f} MB of parameters, "
+                  f"largest local {results[0]['largest_param'] / 2**20:.1f} MB", flush=True)
             shutil.rmtree(ckpt, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nTP {args.tp} x PP {args.pp}, bucket {args.bucket_mb} MB, {args.device}, "
           f"median of {args.reps}")
-    print(f"| size | HF MB | path | seconds | MB/s | speed vs disk |")
-    print(f"|---|---|---|---|---|---|")
-    for size, nbytes, name, sec, mbs, ratio in rows:
-        print(f"| {size} | {nbytes / 2**20:.1f} | {name} | {sec:.3f} | {mbs:.0f} | {ratio:.2f}x |")
+    print("| size | HF MB | path | seconds | MB/s | speed vs disk | peak extra MB (any rank) |")
+    print("|---|---|---|---|---|---|---|")
+    for size, nbytes, name, sec, mbs, ratio, peak in rows:
+        print(f"| {size} | {nbytes / 2**20:.1f} | {name} | {sec:.3f} | {mbs:.0f} | {ratio:.2f}x "
+              f"| {peak:.0f} |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from megatron_cppo.rollout.process import RefitTarget
 _ALIGN = 64
 _SPLIT_KINDS = (mapping.COLUMN, mapping.ROW, mapping.VOCAB, mapping.QKV, mapping.GATE_UP,
                 mapping.VISION_QKV)
+_DIM0_KINDS = (mapping.COLUMN, mapping.VOCAB, mapping.QKV, mapping.VISION_QKV)  # split on dim 0
 _update_ids = itertools.count()
 
 
@@ -132,15 +133,26 @@ def iter_hf_tensors(stage: StageModel, tp_group, dtype: torch.dtype
         n = _tower_tp(name, stage, tp_size)
         if n > 1 and rule.kind in _SPLIT_KINDS:
             local = local.contiguous()
-            shards = [torch.empty_like(local) for _ in range(n)] if tp_rank == 0 else None
-            dist.gather(local, shards, dst=root, group=tp_group)
+            gather_list = None
+            if tp_rank == 0 and rule.kind in _DIM0_KINDS:
+                # gather straight into one buffer: rank-ordered dim-0 shards concatenated are
+                # the full tensor, which mapping.py accepts as a single shard (no extra cat copy)
+                full = local.new_empty((local.shape[0] * n,) + tuple(local.shape[1:]))
+                gather_list, shards = list(full.chunk(n, dim=0)), [full]
+                del full
+            elif tp_rank == 0:
+                gather_list = shards = [torch.empty_like(local) for _ in range(n)]
+            dist.gather(local, gather_list, dst=root, group=tp_group)
+            del gather_list
         else:
             shards = [local]
         if tp_rank != 0:
             continue
-        for hf_name, t in zip(rule.hf, mapping.hf_from_mcore(rule, shards, stage.dims)):
-            yield hf_name, t.to(dtype)
-        del shards
+        hf = mapping.hf_from_mcore(rule, shards, stage.dims)
+        del shards  # before yielding: the consumer's copy should be the only other one
+        names = list(rule.hf)
+        while hf:  # popped, so that a yielded tensor is not also held here
+            yield names.pop(0), hf.pop(0).to(dtype)
 
 
 class _Sender:
@@ -246,6 +258,7 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
                     sender.add(name, t)
                 except Exception as e:  # noqa: BLE001 - keep joining the TP gathers
                     sender.error = sender.error or f"sending {name!r}: {type(e).__name__}: {e}"
+                del t  # copied into the bucket: drop it before the next gather
             if is_sender:
                 sender.flush()
                 if sender.error is None:
