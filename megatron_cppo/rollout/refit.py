@@ -16,8 +16,9 @@ weights and only join the final agreement):
      only for split tensors (replicated ones, and the ViT in dp_in_tp mode, are read locally),
      turned into HF names and layout by ``models/qwen2_5_vl/mapping.py`` (the converter's table),
      cast to the engine's dtype and packed into one shared-memory bucket; a full bucket is sent and
-     reused after the engine's ack. Extra memory on TP rank 0: one bucket plus one gathered tensor
-     (a tensor larger than the bucket gets a block of its own size);
+     reused after the engine's ack. Extra memory on TP rank 0: one bucket plus the tensor in flight
+     (dim-0 splits are gathered into one buffer; row / gate-up splits briefly exist as shards and as
+     the merged tensor); a tensor larger than the bucket gets a block of its own size;
   4. all ranks agree on the outcome (an all-gather over ``group``): an error on any stage raises
      ``RefitError`` with the engine's message (naming the tensor) on every rank.
 
