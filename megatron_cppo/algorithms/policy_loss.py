@@ -50,7 +50,8 @@ def aggregate_loss(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str, *,
         ``token_mean_eps=0`` the count alone (clamped at 1, so an empty mask gives 0, not NaN).
     seq-mean-token-sum: sum over rows of each row's token sum / R.
     seq-mean-token-mean: sum over rows of (row token sum / (row token count + 1e-8)) / R.
-    seq-mean-token-sum-norm: sum over rows of (row token sum / T) / R, T the padded length (Dr.GRPO).
+    seq-mean-token-sum-norm: sum over rows of (row token sum / T) / R, T the padded length
+        (Dr.GRPO).
     R = ``num_rows``, default the rows of ``loss_BT``: the rows of the micro-batch, rows without
     valid tokens included. A caller aggregating a subset of the micro-batch's rows (CPL over the
     rows that ran perturbed passes) passes the micro-batch's row count.
