@@ -12,7 +12,8 @@ gloo ranks, vocabulary sharded; one launch for both):
   with zero upstream gradient (masked), entropy with and without gradient, and a chunk size that
   does not divide the token count;
 - the input logits are unchanged.
-Not proven here: GPU compilation and speed (benchmarks/loss_head.py --impl).
+On a GPU (marker ``gpu``) the same comparison runs with the compiled kernels at TP 1.
+Not proven here: speed (benchmarks/loss_head.py, variant cppo_triton).
 
 Tolerances: values |err| <= 2e-6 (1 + |ref|) (fp32 sums in another order); gradients
 |err| <= 1e-6 max|ref| + rtol |ref|, rtol 1e-5 for fp32 and 2^-7 for bf16 (one rounding of the
@@ -63,14 +64,15 @@ def _compare(what, ours, ref, dtype=torch.float32):
     return excess
 
 
-def check_cases(group, rank, tp) -> list[str]:
+def check_cases(group, rank, tp, device="cpu") -> list[str]:
     """Triton vs torch on this rank's shard of every case; returns failure messages."""
     failures = []
     for what, dtype, width, valid, temperature, chunk, with_entropy in CASES:
         z, zq, labels, (g_lp, g_h) = _inputs(dtype, width, valid)
         shard = width // tp
         cols = slice(rank * shard, (rank + 1) * shard)
-        z, zq = z[:, cols].contiguous(), zq[:, cols].contiguous()
+        z, zq = z[:, cols].contiguous().to(device), zq[:, cols].contiguous().to(device)
+        labels, g_lp, g_h = labels.to(device), g_lp.to(device), g_h.to(device)
         snapshot = (z.clone(), zq.clone())
         results = {}
         for impl in ("torch", "triton"):
@@ -123,3 +125,12 @@ def test_impl_argument():
     with pytest.raises(ValueError, match="impl"):
         log_probs_and_entropy(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), impl="cuda")
     assert _resolve_impl("auto", torch.zeros(1)) == "torch"  # CPU: always the torch path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_head_matches_torch_on_gpu():
+    """The compiled kernels (not the interpreter) on one GPU, TP 1; auto picks them on CUDA."""
+    failures = check_cases(None, 0, 1, device="cuda")
+    assert not failures, "\n".join(failures)
+    assert _resolve_impl("auto", torch.zeros(1, device="cuda")) == "triton"
