@@ -9,7 +9,7 @@ order, same dtype conversions); they never call the code under test.
 
 Proven here:
 - fp64, TP 1: from the same random logits (clean, I+, I-), the project's ``grpo_advantages`` +
-  ``CPPOLoss`` equal the transcribed reference to ~1 ulp (rtol 1e-12) in the loss and in the
+  ``CPPOLoss`` equal the transcribed reference to rtol 1e-12 in the loss and in the
   gradients w.r.t. all three logits, for every option the project shares with the reference:
   the four aggregation modes (CPL aggregated with them, gated rows counted), k1/k2/k3 under every
   spelling, perception mask on/off, gating on/off, top percent, tau, coefficients, entropy bonus,
@@ -342,7 +342,7 @@ def test_inputs_exercise_every_branch(inputs):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp64_parity(name, inputs):
-    """Equal to ~1 ulp with the exact softplus in the reference; with its F.softplus, within the
+    """Equal to rtol 1e-12 with the exact softplus in the reference; with its F.softplus, within the
     pinned softplus gap (k1 without gating has margins / tau > 20 here)."""
     cfg, temperature = CASES[name]
     leaves = _leaves(inputs)

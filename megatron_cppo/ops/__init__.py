@@ -2,9 +2,12 @@
 
 from megatron_cppo.ops.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
+    IMPLS,
     default_chunk_size,
     full_kl,
     log_probs_and_entropy,
+    triton_available,
 )
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "default_chunk_size", "full_kl", "log_probs_and_entropy"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "IMPLS", "default_chunk_size", "full_kl",
+           "log_probs_and_entropy", "triton_available"]
