@@ -12,7 +12,9 @@ gloo ranks, vocabulary sharded; one launch for both):
   with zero upstream gradient (masked), entropy with and without gradient, and a chunk size that
   does not divide the token count;
 - the input logits are unchanged.
-On a GPU (marker ``gpu``) the same comparison runs with the compiled kernels at TP 1.
+Without a GPU, every kernel variant is also compiled ahead of time for Hopper (sm_90, PTX and
+cubin), which catches what the interpreter does not check (types of loop-carried values, constexpr
+branches). On a GPU (marker ``gpu``) the comparison runs with the compiled kernels at TP 1.
 Not proven here: speed (benchmarks/loss_head.py, variant cppo_triton).
 
 Tolerances: values |err| <= 2e-6 (1 + |ref|) (fp32 sums in another order); gradients
@@ -125,6 +127,41 @@ def test_impl_argument():
     with pytest.raises(ValueError, match="impl"):
         log_probs_and_entropy(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), impl="cuda")
     assert _resolve_impl("auto", torch.zeros(1)) == "torch"  # CPU: always the torch path
+
+
+def test_kernels_compile_for_hopper():
+    """Ahead-of-time compilation of all eight kernel variants for sm_90 with the launch options
+    used on the GPU (bf16 logits, BLOCK_V, NUM_WARPS)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    from megatron_cppo.ops import triton_loss_head as th
+
+    rows = {"row_stride": "i32", "grad_row_stride": "i32", "p_row_stride": "i32",
+            "q_row_stride": "i32", "gp_row_stride": "i32", "gq_row_stride": "i32",
+            "num_rows": "i32", "num_valid": "i32", "width": "i32", "temperature": "fp32"}
+    types = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "p_ptr": "*bf16", "q_ptr": "*bf16",
+             "gp_ptr": "*bf16", "gq_ptr": "*bf16", "index_ptr": "*i64", "owned_ptr": "*i8",
+             **rows}
+    flags = {"_logprob_entropy_fwd": [{}],
+             "_logprob_entropy_bwd": [dict(HAS_LP=lp, HAS_H=h)
+                                      for lp, h in ((True, True), (True, False), (False, True))],
+             "_full_kl_fwd": [{}],
+             "_full_kl_bwd": [dict(NEED_P=p, NEED_Q=q)
+                              for p, q in ((True, True), (True, False), (False, True))]}
+    for name, variants in flags.items():
+        fn = getattr(th, name)
+        for constexprs in variants:
+            constexprs = dict(constexprs, BLOCK=th.BLOCK_V)
+            signature = {arg: "constexpr" if arg in constexprs else types.get(arg, "*fp32")
+                         for arg in fn.arg_names}
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": th.NUM_WARPS})
+            assert kernel.asm.get("cubin"), (name, constexprs)
 
 
 @pytest.mark.gpu
