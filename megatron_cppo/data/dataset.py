@@ -170,6 +170,70 @@ def _read_unit(files: list[str], u: _Unit) -> list[Any]:
 
 # ----------------------------------------------------------------------------------------------
 
+class RowReader:
+    """Raw rows of the files in the epoch's shuffled order; one read unit in memory at a time.
+
+    Position: ``epoch`` and ``cursor`` (rows consumed in the epoch); the order is a pure function
+    of (seed, epoch), so (epoch, cursor) is the whole position."""
+
+    def __init__(self, files: list[str], *, seed: int, shuffle: bool, jsonl_chunk_rows: int):
+        self.files = [str(f) for f in files]
+        self.seed, self.shuffle = seed, shuffle
+        self.units = _index_units(self.files, jsonl_chunk_rows)
+        self.num_rows = sum(u.num_rows for u in self.units)
+        if self.num_rows == 0:
+            raise ValueError(f"files {self.files} hold no rows")
+        self.epoch = 0
+        self.cursor = 0
+        self._order: Optional[list[int]] = None   # unit order of the current epoch
+        self._loaded: Optional[tuple[int, list[int], list[Any]]] = None  # (unit, row perm, rows)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "num_rows": self.num_rows, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_rows", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data state has {key}={state[key]!r}, this dataset "
+                                 f"{getattr(self, key)!r}: not the same data or seed")
+        if not 0 <= state["cursor"] <= self.num_rows:
+            raise ValueError(f"data state cursor {state['cursor']} outside [0, {self.num_rows}]")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order, self._loaded = None, None
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, *key])
+
+    def _unit_order(self) -> list[int]:
+        if self._order is None:
+            n = len(self.units)
+            self._order = (self._rng(self.epoch).permutation(n).tolist() if self.shuffle
+                           else list(range(n)))
+        return self._order
+
+    def next_row(self) -> tuple[int, Any, int]:
+        """(global index, raw row, file number) of the next row; moves to the next epoch at the
+        end of one. A raw row is a dict, or a SkipRow for a JSONL line that is not an object."""
+        if self.cursor >= self.num_rows:
+            self.epoch, self.cursor, self._order, self._loaded = self.epoch + 1, 0, None, None
+        c = self.cursor
+        for ui in self._unit_order():  # units are few (row groups), a linear walk is cheap
+            if c < self.units[ui].num_rows:
+                break
+            c -= self.units[ui].num_rows
+        u = self.units[ui]
+        if self._loaded is None or self._loaded[0] != ui:
+            self._loaded = None  # drop the previous unit before reading the next
+            perm = (self._rng(self.epoch, ui + 1).permutation(u.num_rows).tolist()
+                    if self.shuffle else list(range(u.num_rows)))
+            self._loaded = (ui, perm, _read_unit(self.files, u))
+        _, perm, rows = self._loaded
+        r = perm[c]
+        self.cursor += 1
+        return u.first_index + r, rows[r], u.file
+
+
 class PromptDataset:
     """Iterates processed ``Sample``s over epochs (an endless stream; ``epoch`` tells where it is).
 
@@ -179,12 +243,10 @@ class PromptDataset:
     def __init__(self, cfg: DataConfig, processor):
         self.cfg = cfg
         self.processor = processor
-        self.files = [str(f) for f in cfg.files]
-        self.base_dirs = [Path(f).resolve().parent for f in self.files]
-        self.units = _index_units(self.files, cfg.jsonl_chunk_rows)
-        self.num_rows = sum(u.num_rows for u in self.units)
-        if self.num_rows == 0:
-            raise ValueError(f"files {self.files} hold no rows")
+        self.reader = RowReader(cfg.files, seed=cfg.seed, shuffle=cfg.shuffle,
+                                jsonl_chunk_rows=cfg.jsonl_chunk_rows)
+        self.num_rows = self.reader.num_rows
+        self.base_dirs = [Path(f).resolve().parent for f in self.reader.files]
         size = processor.image_processor.size
         got = (getattr(size, "shortest_edge", None) or size.get("shortest_edge"),
                getattr(size, "longest_edge", None) or size.get("longest_edge"))
@@ -202,59 +264,23 @@ class PromptDataset:
             spatial_merge_size=processor.image_processor.merge_size)
         self.perturber = Perturber(cfg.perturbation)
         self._skips: Counter = Counter()
-        self.epoch = 0
-        self.cursor = 0                 # rows consumed in this epoch
-        self._order: Optional[list[int]] = None   # unit order of the current epoch
-        self._loaded: Optional[tuple[int, list[int], list[Any]]] = None  # (unit, row perm, rows)
+
+    @property
+    def epoch(self) -> int:
+        return self.reader.epoch
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.cfg.seed,
-                "num_rows": self.num_rows, "shuffle": self.cfg.shuffle,
-                "skip_counts": dict(self._skips)}
+        """The data position: {epoch, cursor, seed, num_rows, shuffle, skip_counts}."""
+        return {**self.reader.state_dict(), "skip_counts": dict(self._skips)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_rows", "shuffle"):
-            if state[key] != self.state_dict()[key]:
-                raise ValueError(f"data state has {key}={state[key]!r}, this dataset "
-                                 f"{self.state_dict()[key]!r}: not the same data or seed")
-        if not 0 <= state["cursor"] <= self.num_rows:
-            raise ValueError(f"data state cursor {state['cursor']} outside [0, {self.num_rows}]")
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.reader.load_state_dict(state)
         self._skips = Counter(state.get("skip_counts", {}))
-        self._order, self._loaded = None, None
 
     def skip_counts(self) -> dict[str, int]:
         """Rows skipped so far, per reason (all of SKIP_REASONS, zeros included)."""
         return {r: self._skips.get(r, 0) for r in SKIP_REASONS}
-
-    # -- order ----------------------------------------------------------------------------------
-    def _rng(self, *key: int) -> np.random.Generator:
-        return np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, *key])
-
-    def _unit_order(self) -> list[int]:
-        if self._order is None:
-            n = len(self.units)
-            self._order = (self._rng(self.epoch).permutation(n).tolist() if self.cfg.shuffle
-                           else list(range(n)))
-        return self._order
-
-    def _row_at_cursor(self) -> tuple[int, Any, int]:
-        """(global index, raw row, file number) of the row at ``self.cursor``."""
-        order, c = self._unit_order(), self.cursor
-        for ui in order:  # units are few (row groups), a linear walk is cheap
-            if c < self.units[ui].num_rows:
-                break
-            c -= self.units[ui].num_rows
-        u = self.units[ui]
-        if self._loaded is None or self._loaded[0] != ui:
-            self._loaded = None  # drop the previous unit before reading the next
-            perm = (self._rng(self.epoch, ui + 1).permutation(u.num_rows).tolist()
-                    if self.cfg.shuffle else list(range(u.num_rows)))
-            self._loaded = (ui, perm, _read_unit(self.files, u))
-        _, perm, rows = self._loaded
-        r = perm[c]
-        return u.first_index + r, rows[r], u.file
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Sample]:
@@ -263,26 +289,21 @@ class PromptDataset:
 
     def next_sample(self) -> Sample:
         """The next usable sample; rows that cannot be used are counted and passed over."""
-        used_this_epoch = None
+        tried = 0
         while True:
-            if self.cursor >= self.num_rows:
-                if used_this_epoch == 0:
-                    raise ValueError(f"no usable row in {self.files}: skipped {self.skip_counts()}")
-                self.epoch, self.cursor, self._order, self._loaded = self.epoch + 1, 0, None, None
-                used_this_epoch = 0
-            index, row, file = self._row_at_cursor()
-            self.cursor += 1
+            if tried > self.num_rows:
+                raise ValueError(f"no usable row in {self.reader.files}: skipped "
+                                 f"{self.skip_counts()}")
+            index, row, file = self.reader.next_row()
+            epoch = self.reader.epoch
+            tried += 1
             try:
                 if isinstance(row, SkipRow):
                     raise row
-                sample = self.process_row(row, index=index, epoch=self.epoch,
-                                          base_dir=self.base_dirs[file])
+                return self.process_row(row, index=index, epoch=epoch,
+                                        base_dir=self.base_dirs[file])
             except SkipRow as e:
                 self._skips[e.reason] += 1
-                continue
-            if used_this_epoch is not None:
-                used_this_epoch += 1
-            return sample
 
     def next_batch(self, num_prompts: int) -> list[Sample]:
         return [self.next_sample() for _ in range(num_prompts)]

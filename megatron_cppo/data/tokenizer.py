@@ -159,4 +159,4 @@ def build_qwen2_5_vl_processor(out_dir: Optional[str | os.PathLike] = None, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return AutoProcessor.from_pretrained(out_dir, local_files_only=True)
+    return processor
