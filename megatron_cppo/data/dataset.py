@@ -348,13 +348,14 @@ class PromptDataset:
         if cfg.perturb:
             plus_imgs, minus_imgs, kinds = self.perturber(
                 images, seed=perturbation_seed(cfg.seed, index, epoch))
-            ip = self.processor.image_processor
-            out_p = ip(images=plus_imgs, return_tensors="pt")
-            out_m = ip(images=minus_imgs, return_tensors="pt")
+            # One image-processor call for both perturbed views (patches of I+ then I-).
+            out = self.processor.image_processor(images=plus_imgs + minus_imgs,
+                                                 return_tensors="pt")
             # The perturbed passes reuse input_ids and position_ids: the grids must be equal.
-            assert torch.equal(out_p["image_grid_thw"], grid), "I+ changed the image grid"
-            assert torch.equal(out_m["image_grid_thw"], grid), "I- changed the image grid"
-            pv_plus, pv_minus = out_p["pixel_values"], out_m["pixel_values"]
+            assert torch.equal(out["image_grid_thw"], torch.cat([grid, grid])), \
+                "a perturbation changed the image grid"
+            num_patches = clean["pixel_values"].shape[0]
+            pv_plus, pv_minus = out["pixel_values"].split(num_patches)
         extra = row.get("extra_info")
         return Sample(index=index, epoch=epoch, data_source=str(row.get("data_source") or ""),
                       prompt=prompt, input_ids=input_ids, position_ids=position_ids,
