@@ -1,7 +1,7 @@
 """CPPO's image perturbations: I+ (information-preserving) and I- (information-removing).
 
 Per image, as in the reference recipe (vbdi/cppo ``verl/recipe/cppo/cppo_dataset.py``; parameters in
-docs/cppo-perturbations.md):
+docs/cppo-data.md):
 
 * I+: one of three torchvision transforms, chosen uniformly:
   ``ColorJitter(brightness=(0.2, 1.3), contrast=(0.2, 1.8), saturation=(0.2, 1.8))`` (random order,

@@ -6,7 +6,8 @@
 
 ``cppo_reward(response, ground_truth) -> RewardOutput(score, accuracy, format, unparsable,
 grader_error)`` is the reference's 0.9 x accuracy + 0.1 x format (``math.py``). Any function with the
-same signature returning a ``RewardOutput`` or a float can be swapped in by dotted path.
+same signature returning a ``RewardOutput`` or a float can be swapped in by dotted path
+(docs/cppo-data.md, "Rewards").
 """
 
 from megatron_cppo.rewards.math import (RewardOutput, accuracy_reward, cppo_reward, format_reward,
