@@ -2,7 +2,7 @@
 
 A reward function takes ``(response: str, ground_truth: str)`` and returns a ``RewardOutput`` or a
 number. ``load_reward_fn("package.module:function")`` (or ``"package.module.function"``) imports
-one; the default is ``megatron_cppo.rewards.math:cppo_reward``.
+one; the default is ``megatron_cppo.rewards.boxed_math:cppo_reward``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import importlib
 from collections import Counter
 from typing import Callable, Sequence
 
-from megatron_cppo.rewards.math import RewardOutput
+from megatron_cppo.rewards.boxed_math import RewardOutput
 
-DEFAULT_REWARD_FN = "megatron_cppo.rewards.math:cppo_reward"
+DEFAULT_REWARD_FN = "megatron_cppo.rewards.boxed_math:cppo_reward"
 RewardFn = Callable[[str, str], "RewardOutput | float"]
 
 

@@ -71,7 +71,7 @@ def test_last_boxed_and_batch_scoring():
 
 
 def test_swap_by_dotted_path():
-    fn = load_reward_fn("megatron_cppo.rewards.math.format_reward")
+    fn = load_reward_fn("megatron_cppo.rewards.boxed_math.format_reward")
     scores, _ = score_responses(lambda r, g: fn(r), [T + r"\boxed{1}"], ["2"])
     assert scores == [1.0]
 
@@ -80,6 +80,6 @@ def test_swap_by_dotted_path():
     scores, m = score_responses(boom, ["x"], ["y"])
     assert scores == [0.0] and m["reward/grader_error"] == 1
     with pytest.raises(ValueError, match="cannot be imported"):
-        load_reward_fn("megatron_cppo.rewards.math:nope")
+        load_reward_fn("megatron_cppo.rewards.boxed_math:nope")
     with pytest.raises(ValueError, match="dotted path"):
         load_reward_fn("nodots")
