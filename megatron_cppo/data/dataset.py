@@ -43,6 +43,7 @@ from megatron_cppo.data.schema import (INSTRUCTION, SKIP_REASONS, SkipRow, messa
                                        row_images, row_question)
 from megatron_cppo.data.tokenizer import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the prompts come from and how they are turned into samples."""
@@ -264,6 +265,7 @@ class PromptDataset:
             spatial_merge_size=processor.image_processor.merge_size)
         self.perturber = Perturber(cfg.perturbation)
         self._skips: Counter = Counter()
+        self._skip_examples: dict[str, str] = {}  # first skipped row per reason (for a log line)
 
     @property
     def epoch(self) -> int:
@@ -281,6 +283,10 @@ class PromptDataset:
     def skip_counts(self) -> dict[str, int]:
         """Rows skipped so far, per reason (all of SKIP_REASONS, zeros included)."""
         return {r: self._skips.get(r, 0) for r in SKIP_REASONS}
+
+    def skip_examples(self) -> dict[str, str]:
+        """The first skipped row of each reason seen by this process: "file row N: why"."""
+        return dict(self._skip_examples)
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Sample]:
@@ -304,6 +310,8 @@ class PromptDataset:
                                         base_dir=self.base_dirs[file])
             except SkipRow as e:
                 self._skips[e.reason] += 1
+                self._skip_examples.setdefault(
+                    e.reason, f"{self.reader.files[file]} row {index}: {e}")
 
     def next_batch(self, num_prompts: int) -> list[Sample]:
         return [self.next_sample() for _ in range(num_prompts)]
@@ -320,9 +328,9 @@ class PromptDataset:
             raise SkipRow("image_missing")
         if len(entries) > cfg.max_images_per_prompt:
             raise SkipRow("too_many_images")
+        if "<image>" not in question:  # the reference prompt puts the image first
+            question = "<image>\n" * len(entries) + question
         if not verbatim:
-            if "<image>" not in question:
-                question = "<image>\n" * len(entries) + question
             question = question + " " + INSTRUCTION
         if question.count("<image>") != len(entries):
             raise SkipRow("image_token_mismatch")

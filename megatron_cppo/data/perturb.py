@@ -98,7 +98,7 @@ class Perturber:
 
     def occlusion(self, img: Image.Image) -> Image.Image:
         """``occlusion_patches`` uniform-noise rectangles pasted at random positions."""
-        out = img.copy()
+        out = np.array(img)  # a copy; writing the array equals PIL's paste of an RGB patch
         w, h = img.size
         for _ in range(self.cfg.occlusion_patches):
             ow = int(_uniform(*self.cfg.occlusion_scale) * w)
@@ -106,10 +106,10 @@ class Perturber:
             x = _randint_inclusive(0, w - ow)
             y = _randint_inclusive(0, h - oh)
             if ow == 0 or oh == 0:
-                continue  # an empty patch changes nothing (PIL rejects a 0-sized array)
-            noise = (torch.rand(oh, ow, 3, dtype=torch.float64) * 255).to(torch.uint8).numpy()
-            out.paste(Image.fromarray(noise, mode="RGB"), (x, y))
-        return out
+                continue  # an empty patch changes nothing
+            out[y:y + oh, x:x + ow] = (torch.rand(oh, ow, 3, dtype=torch.float64) * 255).to(
+                torch.uint8).numpy()
+        return Image.fromarray(out)  # uint8 [H, W, 3] -> RGB
 
     def zoom_crop(self, img: Image.Image) -> Image.Image:
         """Crop a (s W, s H) window at a random position, resize back to (W, H) bilinearly."""
@@ -134,7 +134,9 @@ class Perturber:
         """(I+ images, I- images, [(plus kind, minus kind)] per image); same seed, same output."""
         plus, minus, kinds = [], [], []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only (torch.manual_seed would also seed accelerators, and its
+            # compile wrapper costs ~2 ms a call)
+            torch.default_generator.manual_seed(seed)
             for img in images:
                 p, m, pk, mk = self._one(img)
                 plus.append(p)

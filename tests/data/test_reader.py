@@ -85,6 +85,8 @@ def test_every_skip_reason_is_counted(processor, tmp_path):
                 image_undecodable=2)
     assert ds.skip_counts() == want
     assert ds.state_dict()["skip_counts"] == want
+    assert ds.skip_examples()["image_missing"].endswith("bad.jsonl row 6: image_missing")
+    assert "row 10: image of 100x100 pixels exceeds" in ds.skip_examples()["image_over_pixel_limit"]
 
     s = good[0]
     # "<image>\n" prepended and the instruction appended to a bare question (reference prompt)
