@@ -28,15 +28,20 @@ A ``Sample`` (shapes: T prompt tokens, N images, P patches) holds ``input_ids`` 
 images) for the rollout engine, ``ground_truth`` for the reward, ``response`` (warm-start rows
 only), ``index`` / ``epoch`` / ``data_source`` / ``extra_info``. The n rollouts of a prompt share
 its sample: one perturbation draw per prompt, seeded by (run seed, row index, epoch).
+``sample.position_ids_with_response(R)`` gives the [3, T + R] ids of prompt + response;
+``warm_start_tokens(sample, tokenizer)`` the ids, ids positions and loss mask of a warm-start row
+(``DIR/sft.parquet``).
 
 Rewards live in ``megatron_cppo.rewards`` (``load_reward_fn``, ``score_responses``).
 """
 
-from megatron_cppo.data.dataset import DataConfig, PromptDataset, RowReader, Sample
+from megatron_cppo.data.dataset import (DataConfig, PromptDataset, RowReader, Sample,
+                                        warm_start_tokens)
 from megatron_cppo.data.perturb import PerturbationConfig, Perturber, perturbation_seed
 from megatron_cppo.data.schema import INSTRUCTION, SKIP_REASONS
 from megatron_cppo.data.tokenizer import build_qwen2_5_vl_processor
 
-__all__ = ["DataConfig", "PromptDataset", "RowReader", "Sample", "PerturbationConfig",
+__all__ = ["DataConfig", "PromptDataset", "RowReader", "Sample", "warm_start_tokens",
+           "PerturbationConfig",
            "Perturber", "perturbation_seed", "INSTRUCTION", "SKIP_REASONS",
            "build_qwen2_5_vl_processor"]

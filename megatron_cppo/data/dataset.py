@@ -108,6 +108,29 @@ class Sample:
     response: Optional[str] = None   # warm-start target, if the row has one
     extra_info: dict = field(default_factory=dict)
 
+    def position_ids_with_response(self, num_response_tokens: int) -> torch.Tensor:
+        """[3, T + R] M-RoPE ids of the prompt followed by R response (text) tokens.
+
+        Text after the prompt continues at ``T + rope_delta`` in all three rows; this equals
+        ``mrope_position_ids`` of the concatenated ids (tested)."""
+        T = self.input_ids.numel()
+        tail_3R = (T + self.rope_delta + torch.arange(num_response_tokens)).expand(3, -1)
+        return torch.cat([self.position_ids, tail_3R], dim=1)
+
+
+def warm_start_tokens(sample: Sample, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [T + R], position ids [3, T + R], loss mask [T + R] bool) of a warm-start sample:
+    the prompt, then ``sample.response`` and ``<|im_end|>``; the loss covers the response only."""
+    if sample.response is None:
+        raise ValueError(f"row {sample.index} has no response (warm-start rows come from "
+                         f"sft.parquet of the built-in dataset)")
+    resp = tokenizer.encode(sample.response, add_special_tokens=False)
+    resp.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    ids_T = torch.cat([sample.input_ids, torch.tensor(resp, dtype=sample.input_ids.dtype)])
+    mask_T = torch.zeros(ids_T.numel(), dtype=torch.bool)
+    mask_T[sample.input_ids.numel():] = True
+    return ids_T, sample.position_ids_with_response(len(resp)), mask_T
+
 
 # ----------------------------------------------------------------------------------------------
 # Read units: a parquet row group or a chunk of JSONL lines; only one is held in memory.

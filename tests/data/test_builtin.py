@@ -12,12 +12,13 @@ from collections import deque
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 from conftest import data_config
 from PIL import Image
 
 from megatron_cppo.data.builtin import (COLORS, DIGIT_SEGMENTS, LEVELS, SEGMENTS, TASKS, main,
                                         make_row, write_builtin_dataset)
-from megatron_cppo.data.dataset import PromptDataset
+from megatron_cppo.data.dataset import PromptDataset, warm_start_tokens
 from megatron_cppo.rewards import cppo_reward
 
 
@@ -134,3 +135,10 @@ def test_deterministic_files_cli_and_reader(tmp_path, processor):
     s = ds.next_sample()
     assert s.response.startswith("<think>") and s.ground_truth in s.response
     assert sum(ds.skip_counts().values()) == 0
+    ids, pos, mask = warm_start_tokens(s, processor.tokenizer)
+    T = s.input_ids.numel()
+    assert processor.tokenizer.decode(ids[mask]) == s.response + "<|im_end|>"
+    assert not mask[:T].any() and torch.equal(ids[:T], s.input_ids)
+    from megatron_cppo.models.qwen2_5_vl.rope_index import mrope_position_ids
+    want, _ = mrope_position_ids(ids, ds.rope_cfg, image_grid_N3=s.image_grid_thw)
+    assert torch.equal(pos, want)
