@@ -145,6 +145,26 @@ def test_10k_row_parquet_memory_is_bounded_by_a_row_group(tmp_path):
     assert reader.epoch == 1 and reader.cursor == 1
 
 
+def test_jsonl_with_image_paths_reads_like_parquet(processor, builtin_dir, tmp_path):
+    """The same rows as JSONL (images written as files, referenced by relative paths) give the
+    same samples as the parquet file (bytes), pixels included."""
+    rows = pq.read_table(builtin_dir / "validation.parquet").to_pylist()
+    with open(tmp_path / "val.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            (tmp_path / "img").mkdir(exist_ok=True)
+            (tmp_path / "img" / f"{i}.png").write_bytes(r["images"][0]["bytes"])
+            r["images"] = [f"img/{i}.png"]
+            f.write(json.dumps(r) + "\n")
+    kw = dict(shuffle=True, seed=9, jsonl_chunk_rows=5)  # units like the row groups of 5
+    a = PromptDataset(data_config([builtin_dir / "validation.parquet"], **kw), processor)
+    b = PromptDataset(data_config([tmp_path / "val.jsonl"], **kw), processor)
+    assert [u.num_rows for u in b.reader.units] == [u.num_rows for u in a.reader.units] == [5, 3]
+    for _ in range(len(rows)):
+        x, y = a.next_sample(), b.next_sample()
+        assert x.ground_truth == y.ground_truth and torch.equal(x.input_ids, y.input_ids)
+        assert torch.equal(x.pixel_values, y.pixel_values)
+
+
 def _key(s):
     return (s.index, s.epoch, s.input_ids.tolist(), s.pixel_values_plus.sum().item(),
             s.pixel_values_minus.sum().item(), s.perturbation_kinds)

@@ -1,6 +1,6 @@
 """The offline Qwen2.5-VL processor: real tokenizer ids, Qwen2.5 token set, Qwen2.5-VL template."""
 
-from transformers import AutoProcessor
+from transformers import AutoProcessor, Qwen2_5_VLConfig
 
 from megatron_cppo.data.tokenizer import QWEN2_5_VL_SPECIAL_IDS, build_qwen2_5_vl_processor
 
@@ -9,6 +9,12 @@ def test_processor_ids_template_and_reload(processor, tmp_path):
     tok = processor.tokenizer
     for text, want in QWEN2_5_VL_SPECIAL_IDS.items():
         assert tok.convert_tokens_to_ids(text) == want
+    cfg = Qwen2_5_VLConfig()  # transformers' defaults = the released models' config.json ids
+    for text, key in (("<|image_pad|>", "image_token_id"), ("<|video_pad|>", "video_token_id"),
+                      ("<|vision_start|>", "vision_start_token_id"),
+                      ("<|vision_end|>", "vision_end_token_id")):
+        assert tok.convert_tokens_to_ids(text) == getattr(cfg, key)
+    assert tok.convert_tokens_to_ids("<|im_end|>") == cfg.text_config.eos_token_id
     assert len(tok) == 151665  # Qwen3's four additions dropped
     # <think> is plain text for Qwen2.5 (several BPE pieces), not one added id
     assert len(tok.encode("<think>", add_special_tokens=False)) > 1
