@@ -261,6 +261,10 @@ class RowReader:
 class PromptDataset:
     """Iterates processed ``Sample``s over epochs (an endless stream; ``epoch`` tells where it is).
 
+    Deterministic given the config: data-parallel ranks that build it with the same seed see the
+    same stream (e.g. each takes ``next_batch(global_prompts)[rank::world]``, or one rank builds the
+    batch and sends it).
+
     ``processor`` is a ``Qwen2_5_VLProcessor`` (see ``build_qwen2_5_vl_processor``); its image
     processor's min/max pixels must equal the config's, so its own resize is a no-op."""
 

@@ -153,9 +153,15 @@ def build_qwen2_5_vl_processor(out_dir: Optional[str | os.PathLike] = None, *,
         shutil.rmtree(tok_dir)
         processor.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(marker))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
+        if out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # Another process (e.g. another rank) published the directory first: use it.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if json.loads((out_dir / _MARKER).read_text()) != marker:
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
