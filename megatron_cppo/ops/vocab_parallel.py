@@ -4,7 +4,7 @@ The output layer of a TP-sharded model gives each rank ``V/tp`` columns of the l
 compute per-token scalars over the FULL vocabulary (log-prob of the sampled token, entropy, KL
 between two passes) while the vocabulary stays sharded: only per-token scalars cross ranks.
 
-Memory contract (loss-head.md): the input logits are never modified and never copied as a whole;
+Memory contract: the input logits are never modified and never copied as a whole;
 fp32 exists only for one chunk of tokens at a time (two or three ``[chunk, V/tp]`` fp32 scratch
 buffers), and the only tensors saved for backward are the input itself (a reference) and a few fp32
 numbers per token. Backward recomputes the softmax chunk by chunk and needs no collective: a rank's
@@ -28,8 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["log_probs_and_entropy", "full_kl", "kl_estimate", "canonical_kl_kind",
-           "default_chunk_size", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["log_probs_and_entropy", "full_kl", "default_chunk_size", "DEFAULT_CHUNK_ELEMENTS"]
 
 # Default token chunk: at most this many fp32 elements per [C, V] scratch buffer, per device type.
 # CPU: ~5 MiB buffers stay in cache; the sweep in benchmarks/RESULTS.md (2-core EPYC, 32 MiB L3)
@@ -344,35 +343,3 @@ def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, *,
     kl_N = _FullKL.apply(logits_p.reshape(-1, width), logits_q.reshape(-1, width),
                          group if size > 1 else None, float(temperature), chunk, num_valid)
     return kl_N.view(logits_p.shape[:-1])
-
-
-# ----------------------------------------------------------------------------------------------
-# sampled-token KL estimators
-
-
-_KL_KINDS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
-
-
-def canonical_kl_kind(kind: str) -> str:
-    """'k1' | 'k2' | 'k3' for the accepted spellings (verl's 'kl', 'mse', 'low_var_kl' included)."""
-    try:
-        return _KL_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {sorted(_KL_KINDS)}") \
-            from None
-
-
-def kl_estimate(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
-    """Sampled-token estimator of KL(p || q) from the log-probs of tokens sampled from p.
-
-    k1 = log_p - log_q; k2 = 0.5 (log_p - log_q)^2; k3 ("low_var_kl", verl ``kl_penalty``):
-    d = clamp(log_q - log_p, -20, 20), k3 = clamp(e^d - d - 1, -10, 10). k1 and k2 are unclamped,
-    as in the reference; the CPL divergences add their own clamp (algorithms/perception.py).
-    """
-    kind = canonical_kl_kind(kind)
-    if kind == "k1":
-        return log_p - log_q
-    if kind == "k2":
-        return 0.5 * (log_p - log_q).square()
-    d = torch.clamp(log_q - log_p, min=-20.0, max=20.0)
-    return torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)
