@@ -1,8 +1,10 @@
 """HF <-> Megatron checkpoint conversion, streaming one parameter at a time.
 
-A megatron_cppo checkpoint directory:
+The checkpoint format itself (metadata, atomic directories, the collective save / load used by
+training) lives in ``megatron_cppo.checkpoint``; docs/checkpoints.md describes it. In short:
 
-    megatron_cppo.json   metadata: HF model config, layout, source HF directory, converter version
+    megatron_cppo.json   metadata: HF model config, layout (incl. pipeline split), source HF
+                         directory and key layout, converter version
     model/               megatron-core distributed checkpoint (torch_dist) of the model's
                          ``sharded_state_dict()``: reshardable, loads at any TP x PP
 
@@ -21,8 +23,13 @@ embedding) plus the HF tensors it is made of; reading holds about three copies o
 (the storage bytes, the deserialised chunk, the assembled buffer). benchmarks/RESULTS.md has the
 measurements.
 
-Training saves and loads the same format from its live layout with ``save_megatron_checkpoint`` /
-``load_megatron_checkpoint`` (megatron-core's own distributed save and load, collective).
+Training saves and loads the same format from its live layout with
+``megatron_cppo.checkpoint.save_megatron_checkpoint`` / ``load_megatron_checkpoint`` (re-exported
+here; megatron-core's own distributed save and load, collective).
+
+Pipeline splits: the stored tensors use global layer indices, so a checkpoint does not depend on
+the split; the split it was written for (given, or chosen when PP does not divide the layers) is
+recorded in the metadata, and reshard moves between splits like between layouts.
 
 Names and transforms all come from ``megatron_cppo.models.qwen2_5_vl.mapping`` (one source of truth).
 """
@@ -43,13 +50,14 @@ import torch
 import torch.distributed as dist
 
 import megatron_cppo
-from megatron_cppo.convert.atomic import atomic_output_dir, check_output_dir
+from megatron_cppo.checkpoint import (FORMAT_VERSION, HF_LAYOUTS, META_NAME,  # noqa: F401
+                                      MODEL_SUBDIR, CheckpointError, CheckpointMeta,
+                                      atomic_output_dir, check_output_dir,
+                                      load_megatron_checkpoint, read_meta,
+                                      save_megatron_checkpoint)
 from megatron_cppo.convert.safetensors_io import (CheckpointFileError, SafetensorsDir,
                                                   ShardedSafetensorsWriter)
 
-META_NAME = "megatron_cppo.json"
-MODEL_SUBDIR = "model"
-FORMAT_VERSION = 1
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files of an HF model directory that are not weights and travel with an export.
 _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -59,24 +67,8 @@ _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "voc
               "generation_config.json")
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """Bad input to a conversion; the message names the file and tensor."""
-
-
-@dataclass(kw_only=True)
-class CheckpointMeta:
-    format_version: int
-    converter_version: str
-    hf_config: dict
-    source_hf_dir: Optional[str]
-    tp: int
-    pp: int
-    vision_parallel: str
-    dtype: str
-    padded_vocab_size: int
-
-    def write(self, directory: Path) -> None:
-        (directory / META_NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 @dataclass
@@ -84,6 +76,7 @@ class ConversionReport:
     num_tensors: int
     bytes: int
     seconds: float
+    notes: list = dataclasses.field(default_factory=list)  # e.g. the pipeline split chosen
 
     @property
     def mb_per_s(self) -> float:
@@ -92,24 +85,6 @@ class ConversionReport:
     def __str__(self) -> str:
         return (f"{self.num_tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
                 f"({self.mb_per_s:.1f} MB/s)")
-
-
-def read_meta(megatron_dir: str | os.PathLike) -> CheckpointMeta:
-    path = Path(megatron_dir) / META_NAME
-    if not path.is_file():
-        raise ConversionError(f"{megatron_dir}: not a megatron_cppo checkpoint ({META_NAME} is "
-                              f"missing)")
-    if not (Path(megatron_dir) / MODEL_SUBDIR / "metadata.json").is_file():
-        raise ConversionError(f"{Path(megatron_dir) / MODEL_SUBDIR}: the megatron distributed "
-                              f"checkpoint is missing or incomplete (no metadata.json)")
-    try:
-        meta = CheckpointMeta(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{path}: unreadable checkpoint metadata ({e})") from None
-    if meta.format_version != FORMAT_VERSION:
-        raise ConversionError(f"{path}: format_version {meta.format_version} is not supported "
-                              f"(this converter reads {FORMAT_VERSION})")
-    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +145,12 @@ class HFSource:
                 raise ConversionError(f"{hf_dir}: tensor {new} appears in both HF key layouts "
                                       f"({self.key[new]} and {name})")
             self.key[new] = name
+        names = self.files.names()
+        has_new = any(n.startswith((mapping.HF_TEXT, mapping.HF_VISION)) for n in names)
+        has_old = any(mapping.normalize_hf_key(n) != n for n in names)
+        # the key layout of the files ("transformers": what save_pretrained writes); None if mixed
+        self.layout = ("language_model" if has_new and not has_old
+                       else "transformers" if has_old and not has_new else None)
         expected = expected_hf_shapes(hf_config)
         missing = sorted(set(expected) - set(self.key))
         extra = sorted(set(self.key) - set(expected))
@@ -433,22 +414,28 @@ def _read_param(reader: _DistCheckpointReader, mm: _MetaModel, name: str) -> tor
 # the three conversions
 
 
-def _resolve_layout(hf_config, tp: int, pp: int, vision_parallel: str):
+def _resolve_layout(hf_config, tp: int, pp: int, vision_parallel: str,
+                    first: Optional[int] = None, last: Optional[int] = None):
     from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig, validate_layout
     from megatron_cppo.parallel import ParallelConfig
 
     mode = {"replicated": "dp_in_tp"}.get(vision_parallel, vision_parallel)
     return validate_layout(_dims(hf_config),
-                           Qwen25VLModelConfig(vision_parallel_mode=mode),
+                           Qwen25VLModelConfig(vision_parallel_mode=mode,
+                                               num_layers_in_first_pipeline_stage=first,
+                                               num_layers_in_last_pipeline_stage=last),
                            ParallelConfig(tensor_model_parallel_size=tp,
                                           pipeline_model_parallel_size=pp))
 
 
 def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel: str = "auto",
-                   dtype: Optional[str] = None, overwrite: bool = False,
-                   progress: bool = True) -> ConversionReport:
+                   dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+                   num_layers_in_first_pipeline_stage: Optional[int] = None,
+                   num_layers_in_last_pipeline_stage: Optional[int] = None) -> ConversionReport:
     """Write a megatron_cppo checkpoint of an HF Qwen2.5-VL directory, loadable at (tp, pp).
-    ``dtype`` (bf16, fp16, fp32) defaults to the HF config's dtype (bf16 if it names none)."""
+    ``dtype`` (bf16, fp16, fp32) defaults to the HF config's dtype (bf16 if it names none). The
+    pipeline split (first / last stage layer counts) is validated and recorded; when PP does not
+    divide the layers and none is given one is chosen (the report's notes say which)."""
     from megatron_cppo.models.qwen2_5_vl import mapping
 
     t0 = time.perf_counter()
@@ -462,7 +449,9 @@ def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel
             if isinstance(stored, str) else stored, "bf16")
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    layout = _resolve_layout(hf_config, tp, pp, vision_parallel)
+    layout = _resolve_layout(hf_config, tp, pp, vision_parallel,
+                             num_layers_in_first_pipeline_stage,
+                             num_layers_in_last_pipeline_stage)
     source = HFSource(hf_dir, hf_config)
     dims = _dims(hf_config)
     table = mapping.rule_table(dims)
@@ -480,14 +469,20 @@ def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel
         CheckpointMeta(format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
                        hf_config=hf_config.to_dict(), source_hf_dir=str(hf_dir.resolve()),
                        tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode, dtype=dtype,
-                       padded_vocab_size=layout.padded_vocab_size).write(tmp)
-    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0)
+                       padded_vocab_size=layout.padded_vocab_size,
+                       source_hf_layout=source.layout, **layout.pipeline_split).write(tmp)
+    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0,
+                            notes=[layout.split_note] if layout.split_note else [])
 
 
 def reshard(megatron_dir, out_dir, *, tp: int, pp: int, vision_parallel: Optional[str] = None,
-            overwrite: bool = False, progress: bool = True) -> ConversionReport:
-    """Rewrite a checkpoint for another (tp, pp): the layout is validated and the vocabulary
-    padding adjusted; everything else is copied chunk by chunk."""
+            overwrite: bool = False, progress: bool = True,
+            num_layers_in_first_pipeline_stage: Optional[int] = None,
+            num_layers_in_last_pipeline_stage: Optional[int] = None) -> ConversionReport:
+    """Rewrite a checkpoint for another (tp, pp) and pipeline split: the layout is validated and
+    the vocabulary padding adjusted; everything else is copied chunk by chunk. Without a split,
+    the source's split is kept when ``pp`` is the source's, else one is chosen if PP does not
+    divide the layers."""
     from megatron_cppo.models.qwen2_5_vl import mapping
     from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
 
@@ -496,7 +491,11 @@ def reshard(megatron_dir, out_dir, *, tp: int, pp: int, vision_parallel: Optiona
     meta = read_meta(src_dir)
     check_output_dir(out_dir, overwrite)
     hf_config = load_hf_config(meta.hf_config)
-    layout = _resolve_layout(hf_config, tp, pp, vision_parallel or "auto")
+    first, last = num_layers_in_first_pipeline_stage, num_layers_in_last_pipeline_stage
+    if first is None and last is None and pp == meta.pp:
+        first, last = meta.num_layers_in_first_pipeline_stage, \
+            meta.num_layers_in_last_pipeline_stage
+    layout = _resolve_layout(hf_config, tp, pp, vision_parallel or "auto", first, last)
     vocab = _dims(hf_config).text.vocab_size
     reader = _DistCheckpointReader(src_dir / MODEL_SUBDIR)
 
@@ -513,14 +512,30 @@ def reshard(megatron_dir, out_dir, *, tp: int, pp: int, vision_parallel: Optiona
         mat = _save_model(dst, make, tmp / MODEL_SUBDIR, progress, "reshard")
         dataclasses.replace(meta, tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode,
                             padded_vocab_size=layout.padded_vocab_size,
-                            converter_version=megatron_cppo.__version__).write(tmp)
-    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0)
+                            converter_version=megatron_cppo.__version__, extra_state=[],
+                            **layout.pipeline_split).write(tmp)
+    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0,
+                            notes=[layout.split_note] if layout.split_note else [])
+
+
+def hf_export_name(name: str, layout: str) -> str:
+    """A >= 4.52 HF name in the key layout of an export (meta.HF_LAYOUTS)."""
+    from megatron_cppo.models.qwen2_5_vl import mapping
+
+    if layout == "transformers":
+        return mapping.to_old_layout(name)
+    if layout == "language_model":
+        return name
+    raise ValueError(f"HF key layout must be one of {list(HF_LAYOUTS)}, got {layout!r}")
 
 
 def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: bool = True,
-                   max_shard_bytes: int = 5 * 1024**3) -> ConversionReport:
-    """Export a checkpoint as an HF directory (>= 4.52 key layout, sharded safetensors + index,
-    config, generation config, tokenizer/processor files from the recorded source directory)."""
+                   max_shard_bytes: int = 5 * 1024**3,
+                   hf_layout: Optional[str] = None) -> ConversionReport:
+    """Export a checkpoint as an HF directory (sharded safetensors + index, config, generation
+    config, tokenizer/processor files from the recorded source directory). ``hf_layout``: key
+    layout of the tensor names (meta.HF_LAYOUTS); default the source's recorded layout, else
+    "transformers" (what save_pretrained and the released checkpoints write)."""
     from tqdm import tqdm
     from transformers import GenerationConfig
 
@@ -530,6 +545,9 @@ def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: 
     t0 = time.perf_counter()
     src_dir, out_dir = Path(megatron_dir), Path(out_dir)
     meta = read_meta(src_dir)
+    layout = hf_layout or meta.source_hf_layout or "transformers"
+    if layout not in HF_LAYOUTS:
+        raise ConversionError(f"--hf-layout must be one of {list(HF_LAYOUTS)}, got {layout!r}")
     check_output_dir(out_dir, overwrite)
     hf_config = load_hf_config(meta.hf_config)
     dims = _dims(hf_config)
@@ -537,7 +555,7 @@ def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: 
     shapes = expected_hf_shapes(hf_config)
     rules = list(mapping.iter_rules(dims))
     reader = _DistCheckpointReader(src_dir / MODEL_SUBDIR)
-    specs = [(h, shapes[h], dtype) for r in rules for h in r.hf]
+    specs = [(hf_export_name(h, layout), shapes[h], dtype) for r in rules for h in r.hf]
     written = 0
 
     with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
@@ -546,7 +564,7 @@ def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: 
         for rule in tqdm(rules, desc="megatron -> hf", unit="tensor", disable=not progress):
             param = _read_param(reader, mm, rule.mcore)
             for h, t in zip(rule.hf, mapping.hf_from_mcore(rule, [param], dims)):
-                writer.write(h, t.to(dtype).contiguous())
+                writer.write(hf_export_name(h, layout), t.to(dtype).contiguous())
                 written += 1
         writer.close()
         hf_config.dtype = dtype  # transformers 5 (older versions read torch_dtype)
@@ -567,80 +585,3 @@ def _copy_aux_files(source: Optional[str], dest: Path) -> None:
     for name in _AUX_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, dest / name)
-
-
-# ----------------------------------------------------------------------------------------------
-# saving from / loading into a training or evaluation model at any layout
-
-
-def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, *, hf_config,
-                             source_hf_dir: Optional[str] = None,
-                             overwrite: bool = False) -> None:
-    """Save this rank's chunks (collective over all ranks) as a megatron_cppo checkpoint, the way
-    training does: megatron-core's distributed save from the live layout, plus the metadata.
-    Failure-atomic: ranks write into a temporary sibling that rank 0 renames when all are done."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_cppo.models.qwen2_5_vl.builder import unwrap
-    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
-
-    out_dir = Path(out_dir).absolute()
-    model = unwrap(chunks[0])
-    dtype = {v: k for k, v in _DTYPES.items()}[next(chunks[0].parameters()).dtype]
-    tmp = [None]
-    if state.rank == 0:
-        check_output_dir(out_dir, overwrite)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        import tempfile
-
-        tmp = [tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent)]
-        (Path(tmp[0]) / MODEL_SUBDIR).mkdir()
-    dist.broadcast_object_list(tmp, src=0)
-    tmp_dir = Path(tmp[0])
-    error = None
-    try:
-        sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-        dist_checkpointing.save(sharded, str(tmp_dir / MODEL_SUBDIR))
-    except Exception as e:  # every rank must still reach the agreement below
-        error = e
-    ok = torch.tensor([0 if error else 1])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if int(ok) == 0:
-        if state.rank == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise error if error is not None else RuntimeError(
-            "another rank failed to save the checkpoint; nothing was written")
-    if state.rank == 0:
-        CheckpointMeta(format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
-                       hf_config=load_hf_config(hf_config).to_dict(),
-                       source_hf_dir=source_hf_dir, tp=state.tp_size, pp=state.pp_size,
-                       vision_parallel=model.layout.vision_parallel_mode, dtype=dtype,
-                       padded_vocab_size=model.layout.padded_vocab_size).write(tmp_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    dist.barrier()
-
-
-
-def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], megatron_dir,
-                             state) -> CheckpointMeta:
-    """Load a megatron_cppo checkpoint into this rank's built chunks (any TP x PP x VPP) with
-    megatron-core's distributed checkpoint loader. Collective over all ranks."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_cppo.models.qwen2_5_vl.builder import unwrap
-
-    meta = read_meta(megatron_dir)
-    padded = unwrap(chunks[0]).layout.padded_vocab_size
-    if padded != meta.padded_vocab_size:
-        raise ConversionError(
-            f"{megatron_dir}: stored with {meta.padded_vocab_size} vocabulary rows (padded for "
-            f"tensor-model-parallel-size {meta.tp}); this layout needs {padded}: run "
-            f"`megatron-cppo-convert reshard --megatron-dir {megatron_dir} --out NEW_DIR --tp "
-            f"{state.tp_size} --pp {state.pp_size}` first")
-    sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    loaded = dist_checkpointing.load(sharded, str(Path(megatron_dir) / MODEL_SUBDIR))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
-    return meta

@@ -89,6 +89,16 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                    help="do not draw the per-tensor progress bar (logs, CI)")
 
 
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder-first-pipeline-num-layers", type=_positive_int, default=None,
+                   metavar="N",
+                   help="language-model layers on the first pipeline stage (uneven split; that "
+                        "stage also runs the vision tower); the stages without a fixed count "
+                        "share the rest evenly")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=_positive_int, default=None,
+                   metavar="N", help="language-model layers on the last pipeline stage")
+
+
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -119,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-model-parallel size the checkpoint is laid out for (default 1; "
                         "must divide the attention heads, query groups and MLP width)")
     s.add_argument("--pp", type=_positive_int, default=1, metavar="M",
-                   help="pipeline-model-parallel size (default 1; must divide the language "
-                        "model's layers)")
+                   help="pipeline-model-parallel size (default 1). Where it does not divide the "
+                        "language model's layers and no split is given, an uneven split is "
+                        "chosen (fewest layers on the first stage) and printed")
     s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
                    help="vision tower layout: 'tp' shards it with the language model's TP, "
                         "'replicated' keeps whole ViT weights on every TP rank (images split "
@@ -129,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="dtype of the stored weights (default: the HF config's torch_dtype, "
                         "bf16 if it names none)")
+    _add_split_flags(s)
     _add_output_flags(s)
 
     # ---- megatron-to-hf
@@ -137,11 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="megatron_cppo checkpoint -> Hugging Face directory",
         description=_fill(
             "Export a megatron_cppo checkpoint (any layout) as a Hugging Face directory: "
-            "safetensors shards with model.safetensors.index.json (model.language_model.* / "
-            "model.visual.* / lm_head.weight names; no lm_head for tied embeddings; vocabulary "
-            "padding removed), config.json, generation_config.json, and the tokenizer / "
-            "processor / chat-template files of the source HF directory recorded in the "
-            "checkpoint metadata."))
+            "safetensors shards with model.safetensors.index.json (tensor names in the key "
+            "layout of the source HF directory recorded in the checkpoint, see --hf-layout; no "
+            "lm_head for tied embeddings; vocabulary padding removed), config.json, "
+            "generation_config.json, and the tokenizer / processor / chat-template files of the "
+            "source HF directory."))
     s.add_argument("--megatron-dir", required=True, metavar="DIR",
                    help="megatron_cppo checkpoint directory (megatron_cppo.json + model/)")
     s.add_argument("--out", required=True, metavar="DIR",
@@ -149,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=_size, default=_size("5GB"), metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB (default, as save_pretrained), "
                         "500MB, 2GiB; more than one shard comes with model.safetensors.index.json")
+    s.add_argument("--hf-layout", choices=("source", "transformers", "language_model"),
+                   default="source",
+                   help="tensor names: 'transformers' = model.embed_tokens, model.layers.*, "
+                        "visual.*, lm_head (what save_pretrained and the released checkpoints "
+                        "write); 'language_model' = model.language_model.*, model.visual.*, "
+                        "lm_head; 'source' (default) = the layout of the HF directory the "
+                        "checkpoint was converted from, 'transformers' if none is recorded")
     _add_output_flags(s)
 
     # ---- reshard
@@ -171,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
                    help="target vision tower layout (default: chosen for the target TP as in "
                         "hf-to-megatron)")
+    _add_split_flags(s)
     _add_output_flags(s)
 
     # ---- verify
@@ -212,8 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(what: str, report, out: str) -> None:
+    for note in getattr(report, "notes", ()):
+        print(f"note: {note}", flush=True)
     print(f"{what}: {report.num_tensors} tensors, {report.bytes / 1e6:.1f} MB in "
           f"{report.seconds:.1f} s ({report.mb_per_s:.1f} MB/s) -> {out}", flush=True)
+
+
+def _split(args: argparse.Namespace) -> dict:
+    return dict(num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+                num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -228,17 +255,20 @@ def _run(args: argparse.Namespace) -> int:
         report = checkpoint.hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp,
             vision_parallel=args.vision_parallel or "auto", dtype=args.dtype,
-            overwrite=args.overwrite, progress=progress)
+            overwrite=args.overwrite, progress=progress, **_split(args))
         _report("hf-to-megatron", report, args.out)
     elif args.command == "megatron-to-hf":
         report = checkpoint.megatron_to_hf(args.megatron_dir, args.out,
                                            overwrite=args.overwrite, progress=progress,
-                                           max_shard_bytes=args.max_shard_size)
+                                           max_shard_bytes=args.max_shard_size,
+                                           hf_layout=None if args.hf_layout == "source"
+                                           else args.hf_layout)
         _report("megatron-to-hf", report, args.out)
     elif args.command == "reshard":
         report = checkpoint.reshard(args.megatron_dir, args.out, tp=args.tp, pp=args.pp,
                                     vision_parallel=args.vision_parallel,
-                                    overwrite=args.overwrite, progress=progress)
+                                    overwrite=args.overwrite, progress=progress,
+                                    **_split(args))
         _report("reshard", report, args.out)
     elif args.command == "verify":
         from megatron_cppo.convert.verify import verify

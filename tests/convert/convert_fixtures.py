@@ -18,7 +18,7 @@ import tiny_qwen  # noqa: E402
 
 def write_hf_dir(path: Path, *, tied: bool, layout: str = "old",
                  dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-    """A tiny random HF checkpoint. ``layout`` "old": what transformers 5.23's save_pretrained
+    """A tiny random HF checkpoint. ``layout`` "old": what transformers 5.x's save_pretrained
     writes (``model.*``, ``visual.*``); "new": the >= 4.52 names (``model.language_model.*``,
     ``model.visual.*``), rewritten here from the saved file."""
     from safetensors.torch import load_file, save_file
@@ -37,6 +37,16 @@ def write_hf_dir(path: Path, *, tied: bool, layout: str = "old",
     assert any(k.startswith("model.language_model.") for k in names) == (layout == "new")
     assert ("lm_head.weight" in names) != tied
     return Path(path)
+
+
+def raw_hf_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory under the names in its files."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
 
 
 def hf_tensors(path) -> dict[str, torch.Tensor]:

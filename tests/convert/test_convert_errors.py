@@ -91,12 +91,14 @@ def test_truncated_safetensors(good, tmp_path, capsys):
     _run_error(capsys, _h2m(bad, tmp_path / "out"), tmp_path / "out", str(path), "truncated")
 
 
-@pytest.mark.parametrize("tp,pp,needle", [
-    (3, 1, "tensor-model-parallel-size 3"),  # 4 heads, 2 query groups, MLP 128
-    (1, 3, "pipeline-model-parallel-size 3"),  # 4 layers
+@pytest.mark.parametrize("tp,pp,extra,needle", [
+    (3, 1, (), "tensor-model-parallel-size 3"),  # 4 heads, 2 query groups, MLP 128
+    (1, 5, (), "pipeline-model-parallel-size 5"),  # 4 layers
+    (1, 3, ("--decoder-first-pipeline-num-layers", "1"), "leave 3 of 4"),
+    (1, 1, ("--decoder-last-pipeline-num-layers", "2"), "pipeline_model_parallel_size > 1"),
 ])
-def test_layout_the_model_cannot_be_split_into(good, tmp_path, capsys, tp, pp, needle):
-    _run_error(capsys, _h2m(good, tmp_path / "out", "--tp", str(tp), "--pp", str(pp)),
+def test_layout_the_model_cannot_be_split_into(good, tmp_path, capsys, tp, pp, extra, needle):
+    _run_error(capsys, _h2m(good, tmp_path / "out", "--tp", str(tp), "--pp", str(pp), *extra),
                tmp_path / "out", needle)
 
 
