@@ -11,8 +11,9 @@ Guarantees (docs/checkpoints.md):
     output of the same kind (it holds ``marker``; an empty directory too), and never when it is,
     contains, or lies inside one of the command's ``inputs``;
   * replacing is atomic: Linux's renameat2(RENAME_EXCHANGE) swaps old and new in one step; where
-    the filesystem lacks it the old one is first renamed to ``.{name}.old-*``, and a later run that
-    finds such a leftover restores it (``out`` missing) or removes it (``out`` complete) and says so;
+    the filesystem lacks it the old one is first renamed to ``.{name}.old-*``, and a later run
+    that finds such a leftover restores it (``out`` missing) or removes it (``out`` complete) and
+    says so;
   * one run per ``out`` at a time: a lock file ``.{name}.lock`` (flock, with the owner's pid, host
     and command line) makes a second run refuse; holding it, a run removes ``.{name}.partial-*``
     directories left by dead runs (SIGKILL, power loss) and says so;
@@ -90,9 +91,13 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, *, marker: Optiona
     if needed_bytes:
         free = shutil.disk_usage(base).free
         if free < needed_bytes:
-            raise OutputExistsError(f"{base}: {free / 1e9:.2f} GB free, the output needs about "
-                                    f"{needed_bytes / 1e9:.2f} GB")
+            raise OutputExistsError(f"{base}: {_size(free)} free, the output needs about "
+                                    f"{_size(needed_bytes)} (disk full?)")
     return out
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def make_partial_dir(out: Path) -> Path:

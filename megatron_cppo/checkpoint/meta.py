@@ -110,7 +110,9 @@ def parse_meta(raw: Any, path: Path) -> CheckpointMeta:
     for name, value in raw.items():
         ok, what = _CHECKS[name]
         if not ok(value):
-            raise CheckpointError(f"{path}: metadata field {name} is {value!r}, expected {what}")
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise CheckpointError(f"{path}: metadata field {name} is {shown}, expected {what}")
     for name in raw["extra_state"] if "extra_state" in raw else ():
         if name in RESERVED_SUBDIRS or not name.isidentifier():
             raise CheckpointError(f"{path}: extra_state name {name!r} is not allowed")
@@ -135,6 +137,6 @@ def read_meta(checkpoint_dir: str | os.PathLike) -> CheckpointMeta:
     for sub in [MODEL_SUBDIR] + list(meta.extra_state):
         for name in (".metadata", "metadata.json"):
             if not (directory / sub / name).is_file():
-                raise CheckpointError(f"{directory / sub}: the distributed checkpoint is missing "
-                                      f"or incomplete (no {name})")
+                raise CheckpointError(f"{directory / sub / name}: missing (the distributed "
+                                      f"checkpoint {directory / sub} is incomplete)")
     return meta

@@ -398,9 +398,32 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
     return torch.cat(parts, dim=-1)[..., :vocab_size].cpu()
 
 
-def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int):
+def _die_with_parent(parent_pid: int, scratch: str) -> None:
+    """Linux: this rank gets SIGTERM when the verify process dies (even by SIGKILL), removes the
+    launch's scratch directory and exits; no orphaned ranks, no temp debris."""
+    import ctypes
+    import os
+    import shutil
+    import signal
+
+    def on_term(signum, frame):
+        shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        on_term(signal.SIGTERM, None)
+
+
+def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int, parent_pid: int,
+               scratch: str):
     """One megatron rank: build the checkpoint's layout, load it, return the full logits (from the
     last stage's TP rank 0; None elsewhere). Teardown only after success (see parallel/launch.py)."""
+    _die_with_parent(parent_pid, scratch)
     quiet_library_warnings()
     from megatron_cppo.checkpoint import load_megatron_checkpoint, read_meta
     from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
@@ -435,16 +458,29 @@ def run_megatron(megatron_dir: str, batch: dict, world_size: int, *, timeout: fl
     if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
         raise VerifyError(f"the checkpoint's layout needs {world_size} ranks (one GPU each), "
                           f"{torch.cuda.device_count()} GPUs are visible")
+    import os
+    import shutil
+    import tempfile
+
+    # the launcher's rank directory goes into a scratch directory the ranks remove if this
+    # process dies (_die_with_parent); removed here otherwise
+    scratch = tempfile.mkdtemp(prefix="mcppo_verify_")
+    saved_tempdir = tempfile.tempdir
+    tempfile.tempdir = scratch
     try:
         results = run_local_ranks(_rank_main, world_size, timeout=timeout,
                                   what="verify: megatron ranks failed",
-                                  args=(str(megatron_dir), batch, collective_timeout_min))
+                                  args=(str(megatron_dir), batch, collective_timeout_min,
+                                        os.getpid(), scratch))
     except RanksFailed as e:
         reported = [err for err in e.errors if err.traceback]
         if reported and all(err.user_error for err in reported):
             raise VerifyError(f"megatron rank {reported[0].rank}: {reported[0].message}") \
                 from None
         raise RuntimeError(str(e)) from None
+    finally:
+        tempfile.tempdir = saved_tempdir
+        shutil.rmtree(scratch, ignore_errors=True)
     ((logits_BSV, flags),) = [r for r in results if r is not None]
     return logits_BSV, flags
 
@@ -544,18 +580,30 @@ def verify(hf_dir, megatron_dir, *, inputs: Optional[str] = None,
 
     Raises ValueError subclasses for bad input (not a checkpoint, not a Qwen2.5-VL directory,
     another model, unreadable --inputs); returns the result whether or not it passed."""
-    from megatron_cppo.checkpoint import read_meta
-    from megatron_cppo.convert.checkpoint import read_hf_config
+    from megatron_cppo.convert.checkpoint import HFSource, open_checkpoint, read_hf_config
     from megatron_cppo.models.qwen2_5_vl import (MRopeIndexConfig, Qwen25VLDims,
                                                  mrope_position_ids_batch)
 
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir)
-    meta = read_meta(megatron_dir)
+    if dump_logits is not None and Path(dump_logits).is_dir():
+        raise VerifyError(f"--dump-logits {dump_logits} is a directory; give a file name")
+    # metadata against the model, checksums of every stored chunk: a damaged checkpoint is named
+    # here, not as a traceback on a rank
+    meta = open_checkpoint(megatron_dir).meta
     hf_config = read_hf_config(hf_dir)  # ConversionError unless a Qwen2.5-VL config.json
     _check_same_model(hf_config, meta, hf_dir, megatron_dir)
+    HFSource(hf_dir, hf_config)  # every HF tensor present, well-formed, of the right shape
 
     batch, probe, notes = build_probe_batch(hf_dir, hf_config, inputs)
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or ids.numel() == 0 or not bool(batch["attention_mask"].bool().any()):
+        raise VerifyError(f"{inputs or 'probe batch'}: input_ids must be a non-empty [batch, seq] "
+                          f"tensor with at least one valid (attention_mask 1) token, got shape "
+                          f"{list(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise VerifyError(f"{inputs or 'probe batch'}: input_ids must be integers, got "
+                          f"{ids.dtype}")
     vocab = hf_config.text_config.vocab_size
     if int(batch["input_ids"].max()) >= vocab or int(batch["input_ids"].min()) < 0:
         raise VerifyError(f"{inputs or 'probe batch'}: input_ids outside the vocabulary "

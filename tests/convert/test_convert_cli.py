@@ -1,5 +1,6 @@
-"""The converter's command-line surface: the four subcommands with exactly the issue's flags (plus
---overwrite, --no-progress, --max-shard-size and verify's tolerances), every flag documented, the
+"""The converter's command-line surface: the five subcommands with exactly the issues' flags (plus
+--overwrite, --no-progress, --max-shard-size, --debug and verify's tolerances), every flag
+documented, the
 installed console script and tools/convert/convert.py both answer --help. Freezing the surface here
 makes a new or renamed flag a deliberate change (docs/checkpoints.md lists the commands)."""
 
@@ -17,15 +18,15 @@ from megatron_cppo.convert import cli
 ROOT = Path(__file__).resolve().parents[2]
 
 SPLIT = {"--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"}
+WRITE = {"--overwrite", "--no-progress", "--allow-non-finite", "--debug"}
 SURFACE = {
-    "hf-to-megatron": {"--hf-dir", "--out", "--tp", "--pp", "--vision-parallel", "--dtype",
-                       "--overwrite", "--no-progress"} | SPLIT,
-    "megatron-to-hf": {"--megatron-dir", "--out", "--max-shard-size", "--hf-layout",
-                       "--overwrite", "--no-progress"},
-    "reshard": {"--megatron-dir", "--out", "--tp", "--pp", "--vision-parallel", "--overwrite",
-                "--no-progress"} | SPLIT,
+    "hf-to-megatron": {"--hf-dir", "--out", "--tp", "--pp", "--vision-parallel", "--dtype"}
+    | SPLIT | WRITE,
+    "megatron-to-hf": {"--megatron-dir", "--out", "--max-shard-size", "--hf-layout"} | WRITE,
+    "reshard": {"--megatron-dir", "--out", "--tp", "--pp", "--vision-parallel"} | SPLIT | WRITE,
+    "check": {"--megatron-dir", "--debug"},
     "verify": {"--hf-dir", "--megatron-dir", "--inputs", "--dump-logits", "--tolerance",
-               "--kl-tolerance"},
+               "--kl-tolerance", "--debug"},
 }
 
 

@@ -112,9 +112,17 @@ def test_existing_output_directory_then_overwrite(good, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"  # untouched
     assert not list(tmp_path.glob(".out.*"))
 
+    # --overwrite replaces only a previous output: a directory of other files is refused
+    assert cli.main(_h2m(good, out, "--overwrite")) == 2
+    assert "not a previous output" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty directory may be replaced
     assert cli.main(_h2m(good, out, "--overwrite")) == 0
-    assert not (out / "keep.txt").exists() and (out / "megatron_cppo.json").is_file()
-    assert not list(tmp_path.glob(".out.*"))  # neither the partial nor the moved-aside old dir
+    assert (out / "megatron_cppo.json").is_file()
+    first = (out / "megatron_cppo.json").stat().st_ino
+    assert cli.main(_h2m(good, out, "--overwrite")) == 0  # a previous output is replaced
+    assert (out / "megatron_cppo.json").stat().st_ino != first
+    assert not list(tmp_path.glob(".out.*"))  # neither the partial nor the swapped-out old dir
 
     # reshard: a layout the model cannot take, then an existing output
     target = tmp_path / "resharded"

@@ -4,7 +4,8 @@ transformers model.
 Proven here, on tiny random checkpoints (tiny_qwen: GQA 4/2 heads, 4 LM layers = 2 per stage at
 PP=2, 3 ViT blocks incl. a full-attention one):
   * HF -> megatron (TP2 PP2) -> HF gives every tensor back bitwise, under the same names as the
-    input (its key layout is recorded and reused by the export) and dtypes, for tied (vocab 1531: padded to 1532 for TP2, stripped on export; no lm_head written)
+    input (its key layout is recorded and reused by the export) and dtypes, for tied
+    (vocab 1531: padded to 1532 for TP2, stripped on export; no lm_head written)
     and untied embeddings, from either HF key layout on input, fp32 and bf16;
   * HF -> megatron (TP2 PP1, via the installed console script) -> reshard (TP1 PP2) -> HF is
     bitwise as well, with the vocabulary padding removed by the reshard;

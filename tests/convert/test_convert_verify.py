@@ -9,7 +9,9 @@ Three launches of the megatron ranks (the cost of this file: ~20 s each on 2 cor
   * TP1 PP2 (2 ranks), bf16 untied checkpoint of a bf16 HF directory, built-in probe (text + a
     PIL image wider than one ViT window, and a text-only sample): passes with the bf16 defaults;
   * TP2 PP1 (2 ranks), fp32, one stored chunk (layer 1's fused QKV) overwritten with noise in the
-    torch_dist files: exit code 1 and a message naming the exceeded tolerance.
+    torch_dist files: refused by the checksums (exit 2, naming the chunk); with the checksums
+    recomputed (a conversion bug, not damage): exit code 1 and a message naming the exceeded
+    tolerance.
 Cheap checks without a launch: inputs whose image tokens do not match their grids, and an HF
 directory of another model, are bad input (exit 2). Not proven here: GPU/nccl, real model sizes,
 a processor (tokenizer + chat template) in the HF directory (none can be built offline).
@@ -109,6 +111,13 @@ def test_verify_fails_on_one_corrupted_tensor(ckpts, capsys, tmp_path):
     shutil.copytree(ckpts["tied21"], bad)
     cf.corrupt_chunk(bad, "language_model.decoder.layers.self_attention.linear_qkv.weight",
                      (1, 0, 0))
+    # as damage on disk, the checksums refuse it before any rank starts
+    assert cli.main(["verify", "--hf-dir", str(ckpts["hf_tied"]), "--megatron-dir",
+                     str(bad)]) == 2
+    assert "checksum mismatch in tensor language_model.decoder.layers.self_attention." \
+           "linear_qkv.weight at offset [1, 0, 0]" in capsys.readouterr().err
+    # as a conversion bug (checksums of the wrong values), the logits catch it
+    cf.refresh_checksums(bad)
     rc = cli.main(["verify", "--hf-dir", str(ckpts["hf_tied"]), "--megatron-dir", str(bad)])
     captured = capsys.readouterr()
     assert rc == 1, captured.out + captured.err[-3000:]
