@@ -27,6 +27,12 @@ Training saves and loads the same format from its live layout with
 ``megatron_cppo.checkpoint.save_megatron_checkpoint`` / ``load_megatron_checkpoint`` (re-exported
 here; megatron-core's own distributed save and load, collective).
 
+Integrity (docs/checkpoints.md): every read starts with ``open_checkpoint`` (metadata validated
+against the model it describes, checksums of every stored chunk verified), and the stored shapes and
+dtypes are compared with the metadata's model before any tensor is read; every write ends with the
+checksums of what was written. HF input: non-float tensors are refused, non-finite values unless
+``allow_non_finite``. ``check_checkpoint`` does the reading checks alone.
+
 Pipeline splits: the stored tensors use global layer indices, so a checkpoint does not depend on
 the split; the split it was written for (given, or chosen when PP does not divide the layers) is
 recorded in the metadata, and reshard moves between splits like between layouts.
