@@ -83,7 +83,8 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, 
     Failure-atomic and non-destructive (atomic.py): rank 0 holds the output lock, all ranks write
     into a temporary sibling which rank 0 swaps in when every rank succeeded; an existing
     ``out_dir`` is replaced only with ``overwrite`` and only if it is a megatron_cppo checkpoint.
-    Raises the same error on every rank when any rank failed."""
+    Raises on every rank when any rank failed (the failing rank its own error, the others a
+    RuntimeError saying another rank failed); the trainer should print it on rank 0 only."""
     import json
 
     from megatron.core import dist_checkpointing

@@ -154,6 +154,8 @@ def test_bad_flag_values_are_usage_errors(capsys):
                  ["hf-to-megatron", "--hf-dir", "a", "--out", "b", "--dtype", "int8"],
                  ["reshard", "--megatron-dir", "a", "--out", "b", "--tp", "2"],  # --pp missing
                  ["megatron-to-hf", "--megatron-dir", "a", "--out", "b", "--max-shard-size", "x"],
+                 ["megatron-to-hf", "--megatron-dir", "a", "--out", "b", "--max-shard-size",
+                  "inf"],
                  ["verify", "--hf-dir", "a", "--megatron-dir", "b", "--tolerance", "-1"]):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
