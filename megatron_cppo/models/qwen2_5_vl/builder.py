@@ -75,7 +75,9 @@ def build_qwen2_5_vl(hf_config: Any, state: ParallelState,
     settings = settings or Qwen25VLModelConfig()
     dims = Qwen25VLDims.from_hf(load_hf_config(hf_config))
     layout = validate_layout(dims, settings, state.config)
-    lm_config = language_transformer_config(dims, settings, state.config)
+    if layout.split_note and state.rank == 0:
+        print(f"note: {layout.split_note}", flush=True)
+    lm_config = language_transformer_config(dims, settings, state.config, layout)
     vit_config = projector_config = vision_pgc = None
     if state.is_first_stage:
         vit_config = vision_transformer_config(dims, settings, state.config, layout)
