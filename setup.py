@@ -35,6 +35,8 @@ setup(
         "mathruler>=0.1.0",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        # the reward / validation-accuracy curve PNG at the end of a run
+        "matplotlib>=3.7",
         # megatron-core dist_checkpointing needs it (its writer processes hang without it)
         "psutil>=5.9",
     ],
@@ -48,6 +50,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "megatron-cppo=megatron_cppo.cli:main",
             "megatron-cppo-train=megatron_cppo.train:main",
             "megatron-cppo-convert=megatron_cppo.convert.cli:main",
         ],

@@ -245,6 +245,7 @@ class DataConfig:
     val_data_path: Optional[str] = _opt(None, "validation prompts")
     eval_interval: int = _opt(0, "validate every this many steps (0: only at the start and end)")
     eval_iters: Optional[int] = _opt(None, "validation prompts per evaluation (default: all)")
+    eval_only: bool = _opt(False, "evaluate the start weights (--load / --hf-dir) and exit")
 
     def __post_init__(self):
         for name in ("data_path", "val_data_path"):
@@ -253,6 +254,8 @@ class DataConfig:
                 raise _bad(name, f"{path} does not exist")
         _check_int(self, "eval_interval", 0)
         _check_int(self, "eval_iters", 1, optional=True)
+        if self.eval_only and self.val_data_path is None:
+            raise _bad("eval_only", "needs --val-data-path")
 
 
 @dataclass(kw_only=True)

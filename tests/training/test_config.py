@@ -54,6 +54,7 @@ BAD = [
     (["--data-path", "/no/such/file.parquet"], "--data-path"),
     (["--val-data-path", "/no/such/file.jsonl"], "--val-data-path"),
     (["--eval-interval", "-1"], "--eval-interval"),
+    (["--eval-only"], "--eval-only"),  # without --val-data-path
     (["--save-interval", "5"], "--save-interval"),  # without --save
     (["--load", "/no/such/dir"], "--load"),
     (["--log-interval", "0"], "--log-interval"),
