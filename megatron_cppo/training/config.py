@@ -265,9 +265,13 @@ class CheckpointConfig:
                                      "megatron checkpoint)")
     save_interval: int = _opt(0, "save every this many steps (0: only at the end)")
     no_load_optim: bool = _opt(False, "with --load: weights only (fresh optimizer and schedule)")
+    exit_interval: Optional[int] = _opt(None, "save (with --save) and exit when the step is a "
+                                              "multiple of this (the LR schedule still spans "
+                                              "--train-iters)")
 
     def __post_init__(self):
         _check_int(self, "save_interval", 0)
+        _check_int(self, "exit_interval", 1, optional=True)
         if self.save_interval and not self.save:
             raise _bad("save_interval", "needs --save")
         if self.load is not None and not os.path.isdir(self.load):

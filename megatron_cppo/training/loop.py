@@ -130,11 +130,11 @@ def _loop(cfg, trainer, plugins, monitor, policy, state, hf_config) -> list[dict
     evaluate = val and cfg.data.eval_interval >= 0
     if evaluate and trainer.counters.step == 0:
         monitor.log_step(0, trainer.evaluate(val))
-    last_saved = None
     while trainer.counters.step < cfg.optimizer.train_iters:
         metrics = trainer.train_step()
         step = trainer.counters.step
-        final = step == cfg.optimizer.train_iters
+        exit_now = bool(cfg.checkpoint.exit_interval and step % cfg.checkpoint.exit_interval == 0)
+        final = step == cfg.optimizer.train_iters or exit_now
         if evaluate and ((cfg.data.eval_interval and step % cfg.data.eval_interval == 0)
                          or final):
             metrics.update(trainer.evaluate(val))
@@ -149,7 +149,8 @@ def _loop(cfg, trainer, plugins, monitor, policy, state, hf_config) -> list[dict
             path = ckpt.save_checkpoint(cfg.checkpoint.save, policy=policy, state=state,
                                         counters=trainer.counters, prompts=plugins.prompts,
                                         hf_config=hf_config, source_hf_dir=cfg.model.hf_dir)
-            last_saved = path
             monitor.print(f"saved {path}")
-    del last_saved
+        if exit_now:
+            monitor.print(f"exit at step {step} (--exit-interval)")
+            break
     return history

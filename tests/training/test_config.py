@@ -57,6 +57,7 @@ BAD = [
     (["--eval-only"], "--eval-only"),  # without --val-data-path
     (["--save-interval", "5"], "--save-interval"),  # without --save
     (["--load", "/no/such/dir"], "--load"),
+    (["--exit-interval", "0"], "--exit-interval"),
     (["--log-interval", "0"], "--log-interval"),
     (["--wandb-exp-name", "x"], "--wandb-exp-name"),
 ]
