@@ -54,6 +54,9 @@ class UpdateContext:
     micro_batch_size: int = 1
     max_tokens_per_microbatch: Optional[int] = None
     chunk_size: Optional[int] = None   # tokens per chunk of the vocab-parallel head
+    # Run the I+/I- views of every sample, as the reference recipe does (the loss and gradients
+    # are the same: gated-out rows contribute nothing). For benchmarks only.
+    perturb_all: bool = False
 
     @property
     def last_stage_rank(self) -> int:
@@ -187,6 +190,8 @@ def update_mini_batch(chunks: Sequence[torch.nn.Module], optimizer, samples: Seq
     adv_B = torch.tensor([x.advantage for x in samples], dtype=torch.float32)
     has_response_BT = torch.tensor([[x.response_ids.numel() > 0] for x in samples])
     needs_B = loss_fn.samples_needing_perturbed_passes(adv_B, has_response_BT)
+    if ctx.perturb_all and loss_fn.config.cpl_coef > 0:
+        needs_B = torch.ones_like(needs_B)
     groups = partition(samples, needs_B.tolist(), ctx)
     mbs = [to_device(collate([samples[i] for i in g], needs_B[g], ctx.rope_cfg), s.device)
            for g in groups]
