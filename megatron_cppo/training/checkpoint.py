@@ -49,7 +49,10 @@ LATEST = "latest"
 OPTIMIZER_SUBDIR = "optimizer"
 TRAINER_STATE = "trainer_state.pt"
 _ITER = re.compile(r"^iter_(\d{7})$")
-_DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# Distributed optimizer: "dp_reshardable" (reshardable over data parallel). megatron-core 0.16.1
+# fails on the other formats with torch's Adam: "fully_sharded_model_space" needs
+# ShardedTensor.flattened_range (refused), "fully_reshardable" loads a 'step' key it never saved.
+_DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iter_name(step: int) -> str:
@@ -173,6 +176,29 @@ def find_checkpoint(load_dir: str) -> Path:
     raise ValueError(f"--load: {load_dir} has neither a '{LATEST}' file nor {META_NAME}")
 
 
+def _prepare_optimizer_for_loading(optimizer) -> None:
+    """megatron's distributed optimizer builds its sharded state dict from existing Adam states
+    (it asserts one common step); a fresh one has none, so it takes one zero-gradient step
+    first, as megatron-core does for the purpose. That step may move the weights (decoupled
+    weight decay): the caller loads the model after the optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's distributed optimizer gives every parameter's Adam state the SAME ``step``
+    tensor on load; torch's (non-fused) Adam increments each parameter's step in place, so a
+    shared tensor advanced once per parameter and the bias correction went wrong after a resume
+    (measured: resumed metrics differed from the uninterrupted run). One tensor per parameter."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
 def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
                     load_optimizer: bool = True) -> dict[str, Any]:
     """Collective. Loads the model (any layout); with a training checkpoint and
@@ -182,16 +208,21 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
 
     path = find_checkpoint(load_dir)
     raw = policy.raw_chunks()
-    load_megatron_checkpoint(raw, path, state)
     restored = {"checkpoint": str(path), "model": True}
     trainer_file = path / TRAINER_STATE
     if not trainer_file.is_file() or not load_optimizer:  # weights only
+        load_megatron_checkpoint(raw, path, state)
         policy.optimizer.reload_model_params()  # bf16: the fp32 main copies follow the weights
         return restored
     meta = torch.load(trainer_file, weights_only=False)
+    _prepare_optimizer_for_loading(policy.optimizer)
     loaded = dist_checkpointing.load(_optimizer_sharded(policy.optimizer, raw, is_loading=True),
                                      str(path / OPTIMIZER_SUBDIR))
-    policy.optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 main params of the distributed optimizer are views of weights
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(policy.optimizer)
+    # the model last: the weights exactly as saved, whatever preparing the optimizer touched
+    load_megatron_checkpoint(raw, path, state)
     policy.scheduler.load_state_dict(meta["scheduler"])
     for k, v in meta["counters"].items():
         setattr(counters, k, v)
