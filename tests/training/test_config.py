@@ -149,3 +149,15 @@ def test_megatron_spellings_present():
                  "--no-cpl-gating", "--eval-interval", "--config"):
         assert name in flags, name
     assert isinstance(TrainConfig(), TrainConfig)
+
+
+@pytest.mark.parametrize("name,worlds", [("qwen2_5_vl_3b.yaml", (8, 16)),
+                                         ("qwen2_5_vl_7b.yaml", (8, 16))])
+def test_example_configs_parse(name, worlds):
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / name
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.mini_batches_per_step == 8 and cfg.loss_config().cpl_coef == 0.01
+    for world in worlds:
+        check_world(cfg, world)
