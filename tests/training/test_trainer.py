@@ -4,7 +4,7 @@
 Proven:
 - a 4-step run (save every 2 steps) logs finite metrics, refits the rollout engine once per step
   plus once at the start, writes metrics.jsonl, the curve PNG, and a checkpoint that the
-  converter's reader accepts (``read_meta``);
+  converter's reader accepts (``read_meta``) and ``megatron-to-hf`` exports (trained weights);
 - resume is exact: 2 steps, exit (--exit-interval), --load, 2 more steps give bit-identical metrics at steps 3-4
   to the uninterrupted run (loss, grad norm, every logged number except wall times);
 - a save that fails on one rank mid-write leaves ``latest`` naming the previous checkpoint, which
@@ -130,6 +130,23 @@ def test_run_completes_with_finite_metrics_and_outputs(runs):
 
     assert read_meta(str(root / "full" / "iter_0000004")).pp == 2
     assert (root / "full" / "latest").read_text().strip() == "iter_0000004"
+
+
+def test_converter_exports_a_training_checkpoint(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_cppo.convert.checkpoint import megatron_to_hf
+
+    root, _ = runs
+    megatron_to_hf(str(root / "full" / "iter_0000004"), str(tmp_path / "hf"), progress=False)
+    tensors = {}
+    for f in (tmp_path / "hf").glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    start = {}
+    for f in (root / "hf").glob("*.safetensors"):
+        start.update(load_file(str(f)))
+    assert len(tensors) == len(start)  # every weight exported (names follow the exporter)
+    assert any(not torch.equal(t, start[k]) for k, t in tensors.items() if k in start)
 
 
 def test_resume_is_bit_identical(runs):
