@@ -187,16 +187,21 @@ def _prepare_optimizer_for_loading(optimizer) -> None:
             init()
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron's distributed optimizer gives every parameter's Adam state the SAME ``step``
-    tensor on load; torch's (non-fused) Adam increments each parameter's step in place, so a
-    shared tensor advanced once per parameter and the bias correction went wrong after a resume
-    (measured: resumed metrics differed from the uninterrupted run). One tensor per parameter."""
+def _restore_adam_steps(optimizer, num_steps: int) -> None:
+    """megatron-core 0.16.1's distributed optimizer with torch's Adam does not restore the per-
+    parameter Adam ``step`` from a dp_reshardable checkpoint (measured: it kept the value of the
+    state-initialising step, 1, after 2 saved steps) and, where it sets one, shares a single tensor
+    that torch's Adam then advances once per parameter. Either breaks the bias correction after a
+    resume. The step count is the number of optimizer steps taken (skipped steps do not step
+    Adam): give every parameter its own tensor with that value."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for st in getattr(inner, "state", {}).values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue  # the plain optimizer restores its steps itself
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                old = st["step"]
+                st["step"] = (torch.tensor(float(num_steps), dtype=old.dtype, device=old.device)
+                              if torch.is_tensor(old) else num_steps)
 
 
 def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
@@ -220,7 +225,7 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
                                      str(path / OPTIMIZER_SUBDIR))
     with torch.no_grad():  # fp32 main params of the distributed optimizer are views of weights
         policy.optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(policy.optimizer)
+    _restore_adam_steps(policy.optimizer, int(meta["counters"]["optimizer_steps"]))
     # the model last: the weights exactly as saved, whatever preparing the optimizer touched
     load_megatron_checkpoint(raw, path, state)
     policy.scheduler.load_state_dict(meta["scheduler"])

@@ -1,5 +1,6 @@
 """The whole trainer loop (training/loop.py) on a tiny Qwen2.5-VL with a recorded rollout, in one
-2-rank launch at (tp, pp) = (1, 2).
+2-rank launch at (tp, pp) = (1, 2), with the distributed optimizer (its checkpoint path is the
+fragile one in megatron-core 0.16.1).
 
 Proven:
 - a 4-step run (save every 2 steps) logs finite metrics, refits the rollout engine once per step
@@ -36,7 +37,8 @@ def _argv(hf, save, *extra):
             "--n-samples-per-prompt", "4", "--global-batch-size", "4", "--micro-batch-size", "2",
             "--lr", "1e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
             "--min-lr", "1e-4", "--cpl-coef", "0.5", "--rollout-temperature", "0.8",
-            "--save", save, "--no-progress", "--sample-log-interval", "2", *extra]
+            "--save", save, "--no-progress", "--sample-log-interval", "2",
+            "--use-distributed-optimizer", *extra]
 
 
 def _plugins(table):
