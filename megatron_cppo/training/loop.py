@@ -134,9 +134,10 @@ def _loop(cfg, trainer, plugins, monitor, policy, state, hf_config) -> list[dict
         metrics = trainer.train_step()
         step = trainer.counters.step
         exit_now = bool(cfg.checkpoint.exit_interval and step % cfg.checkpoint.exit_interval == 0)
-        final = step == cfg.optimizer.train_iters or exit_now
+        last = step == cfg.optimizer.train_iters
+        final = last or exit_now
         if evaluate and ((cfg.data.eval_interval and step % cfg.data.eval_interval == 0)
-                         or final):
+                         or last):
             metrics.update(trainer.evaluate(val))
         history.append(metrics)
         if step % cfg.logging.log_interval == 0 or final:

@@ -11,7 +11,8 @@ Proven:
 - a save that fails on one rank mid-write leaves ``latest`` naming the previous checkpoint, which
   the next run resumes from (the same bit-identical steps 3-4);
 - the model checkpoint reloads at another layout (tp, pp) = (2, 1): the resumed run's first
-  old log-probs there match the (1, 2) run's.
+  old log-probs there (micro-batches filled to a token budget instead) match the (1, 2) run's;
+- validation (avg@N through the rollout source) runs at the start and at the last step.
 Not proven: learning (the recorded rollout does not depend on the weights), vLLM.
 """
 
@@ -47,7 +48,7 @@ def _plugins(table):
     def make(cfg, state, hf_config):
         return Plugins(rollout=recorded.RecordedRollout(table),
                        prompts=recorded.RecordedPrompts(len(table)),
-                       reward_fn=recorded.parity_reward, valid_vocab=1500)
+                       reward_fn=recorded.parity_reward, valid_vocab=1500, val_prompts=[0, 1])
 
     return make
 
@@ -90,7 +91,8 @@ def _runs(ranks, hf, root):
                              _plugins(table))
     # the model at another layout (weights only, fresh optimizer): one step's old log-probs
     other = parse_config(_argv(hf, os.path.join(root, "other"), "--train-iters", "1",
-                               "--load", os.path.join(full, "iter_0000002"), "--no-load-optim"))
+                               "--load", os.path.join(full, "iter_0000002"), "--no-load-optim",
+                               "--max-tokens-per-microbatch", "120"))
     other.parallel.tensor_model_parallel_size, other.parallel.pipeline_model_parallel_size = 2, 1
     out["other_layout"] = run(other, _plugins(table))
     return out
@@ -125,7 +127,9 @@ def test_run_completes_with_finite_metrics_and_outputs(runs):
     assert per_rank[1]["full"] == per_rank[0]["full"] or all(
         _comparable(a) == _comparable(b) for a, b in zip(per_rank[0]["full"], per_rank[1]["full"]))
     lines = (root / "full" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in lines] == [0, 1, 2, 3, 4]  # 0: validation at start
+    assert "val_acc" in json.loads(lines[0]) and "val_acc" in full[-1]
+    assert all("val_acc" not in m for m in full[:-1])
     assert (root / "full" / "curves.png").stat().st_size > 1000
     assert (root / "full" / "samples.jsonl").is_file()
     from megatron_cppo.convert.checkpoint import read_meta
