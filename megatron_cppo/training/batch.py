@@ -23,7 +23,7 @@ longest response, 3 M-RoPE axes, D patch dim, N images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -74,6 +74,27 @@ class Sample:
         if self.rollout_log_probs is not None and self.rollout_log_probs.shape \
                 != self.response_ids.shape:
             raise ValueError("Sample.rollout_log_probs must have one entry per response token")
+
+    @classmethod
+    def from_prompt(cls, prompt: Any, response_ids: torch.Tensor, *, group_id: int,
+                    rollout_log_probs: Optional[torch.Tensor] = None, weight_version: int = 0,
+                    response_text: Optional[str] = None) -> "Sample":
+        """A response to a prompt item of ``megatron_cppo.data`` (``PromptDataset.next_batch``):
+        its ids, pixels and I+/I- views, M-RoPE ids extended over the response, ground truth.
+        What a rollout engine builds for each generated response."""
+        response_ids = torch.as_tensor(response_ids, dtype=torch.long)
+        pixels = prompt.pixel_values
+        has_image = pixels is not None and pixels.numel() > 0
+        return cls(
+            prompt_ids=prompt.input_ids.long(), response_ids=response_ids, group_id=group_id,
+            pixel_values=pixels if has_image else None,
+            image_grid_thw=prompt.image_grid_thw if has_image else None,
+            plus_pixel_values=prompt.pixel_values_plus if has_image else None,
+            minus_pixel_values=prompt.pixel_values_minus if has_image else None,
+            position_ids=prompt.position_ids_with_response(response_ids.numel()),
+            rollout_log_probs=rollout_log_probs, weight_version=weight_version,
+            response_text=response_text,
+            reward_extra={"ground_truth": prompt.ground_truth, "index": prompt.index})
 
     @property
     def num_tokens(self) -> int:

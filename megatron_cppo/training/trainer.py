@@ -29,7 +29,8 @@ from megatron_cppo.algorithms import CPPOLoss, grpo_advantages
 from megatron_cppo.training.batch import Sample, sample_cost
 from megatron_cppo.training.update import UpdateContext, compute_log_probs, update_mini_batch
 
-__all__ = ["PromptSource", "RewardFn", "RolloutSource", "Trainer", "TrainerState"]
+__all__ = ["PromptSource", "RewardFn", "RolloutSource", "Trainer", "TrainerState",
+           "reward_fn_from"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +82,32 @@ class RewardFn(Protocol):
     def __call__(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
         """One dict per sample with at least ``reward``; ``acc`` and ``format`` if known."""
         ...
+
+
+def reward_fn_from(fn: Any) -> RewardFn:
+    """A ``RewardFn`` from a ``megatron_cppo.rewards`` function ``fn(response_text,
+    ground_truth) -> RewardOutput | float`` (e.g. ``rewards.load_reward_fn()``); the ground truth
+    is ``sample.reward_extra['ground_truth']``. A grader exception scores 0 (and is counted)."""
+
+    def score(samples: Sequence[Sample]) -> list[dict[str, float]]:
+        out = []
+        for s in samples:
+            try:
+                r = fn(s.response_text or "", s.reward_extra["ground_truth"])
+            except KeyError:
+                raise ValueError("a sample without reward_extra['ground_truth'] (the rollout "
+                                 "source must copy it from the prompt)") from None
+            except Exception:
+                out.append({"reward": 0.0, "acc": 0.0, "format": 0.0, "grader_error": 1.0})
+                continue
+            if isinstance(r, (int, float)):
+                out.append({"reward": float(r)})
+            else:
+                out.append({"reward": float(r.score), "acc": float(r.accuracy),
+                            "format": float(r.format), "unparsable": float(r.unparsable)})
+        return out
+
+    return score
 
 
 # ----------------------------------------------------------------------------------------------

@@ -271,3 +271,38 @@ def test_token_budget_partition():
     assert sorted(sum(groups, [])) == [0, 1, 2, 3] and len(groups) == 3
     with pytest.raises(ValueError, match="cannot fill 3 micro-batches"):
         equalize_count([[0], [1]], [1, 1], 3)
+
+
+def test_sample_from_a_data_prompt_and_the_reward_adapter():
+    """The adapters the rollout engine and the trainer use around megatron_cppo.data / .rewards
+    (a duck-typed prompt item with the data package's field names)."""
+    from types import SimpleNamespace
+
+    from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig, mrope_position_ids
+    from megatron_cppo.rewards import cppo_reward
+    from megatron_cppo.training.batch import Sample
+    from megatron_cppo.training.trainer import reward_fn_from
+
+    rope = MRopeIndexConfig(image_token_id=tiny_qwen.IMAGE, video_token_id=tiny_qwen.VIDEO,
+                            spatial_merge_size=2)
+    s0 = make_samples()[0]
+    pos, delta = mrope_position_ids(s0.prompt_ids, rope, image_grid_N3=s0.image_grid_thw)
+
+    def with_response(r):
+        tail = (s0.prompt_ids.numel() + delta + torch.arange(r)).expand(3, -1)
+        return torch.cat([pos, tail], dim=1)
+
+    item = SimpleNamespace(input_ids=s0.prompt_ids, pixel_values=s0.pixel_values,
+                           image_grid_thw=s0.image_grid_thw, pixel_values_plus=s0.plus_pixel_values,
+                           pixel_values_minus=s0.minus_pixel_values, ground_truth="4", index=7,
+                           position_ids_with_response=with_response)
+    smp = Sample.from_prompt(item, s0.response_ids, group_id=3,
+                             response_text="<think>2+2</think> \\boxed{4}")
+    full = torch.cat([s0.prompt_ids, s0.response_ids])
+    assert torch.equal(smp.position_ids,
+                       mrope_position_ids(full, rope, image_grid_N3=s0.image_grid_thw)[0])
+    assert smp.has_perturbed_views and smp.group_id == 3
+    wrong = Sample.from_prompt(item, s0.response_ids, group_id=3, response_text="\\boxed{5}")
+    scores = reward_fn_from(cppo_reward)([smp, wrong])
+    assert scores[0]["reward"] == pytest.approx(1.0) and scores[0]["acc"] == 1.0
+    assert scores[1]["reward"] == pytest.approx(0.0) and scores[1]["acc"] == 0.0
