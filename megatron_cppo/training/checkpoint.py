@@ -40,10 +40,11 @@ import torch.distributed as dist
 from megatron_cppo.convert.checkpoint import (  # noqa: I001
     META_NAME,
     load_megatron_checkpoint,
+    read_meta,
     save_megatron_checkpoint,
 )
 
-__all__ = ["find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
 
 LATEST = "latest"
 OPTIMIZER_SUBDIR = "optimizer"

@@ -37,9 +37,7 @@ def _hf_config(cfg: TrainConfig):
     if cfg.model.hf_dir is not None:
         return load_hf_config(cfg.model.hf_dir)
     if cfg.checkpoint.load is not None:
-        from megatron_cppo.convert.checkpoint import read_meta
-
-        return load_hf_config(read_meta(ckpt.find_checkpoint(cfg.checkpoint.load)).hf_config)
+        return load_hf_config(ckpt.read_meta(ckpt.find_checkpoint(cfg.checkpoint.load)).hf_config)
     raise ValueError("--hf-dir: needed (or --load with a checkpoint that records the model)")
 
 
