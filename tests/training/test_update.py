@@ -11,7 +11,8 @@ Proven:
 - the loss-scale rule: with 4 micro-batches in one schedule call, every gradient equals the sum
   of the 4 single-micro-batch gradients divided by 4 (the schedule's 1/num_microbatches, applied
   once; the loss head does not scale again);
-- a non-finite loss skips the optimizer step on every rank and leaves the weights unchanged.
+- a non-finite loss skips the optimizer step on every rank and leaves the weights unchanged;
+- the supervised warm-start step (same layout and optimizer) lowers the response NLL.
 Also in-process: the micro-batch layout (views share ids and positions, pixels in row order) and
 the token-budget partition.
 Not proven here: bf16, VPP, the distributed optimizer's numerics (it is built at (2, 1)).
@@ -124,6 +125,14 @@ def _layout(tp, pp, path, batch_file):
             out["scale"] = _loss_scale_rule(policy, samples, loss_fn, ctx)
         if (tp, pp) == (2, 1):
             out["skip"] = _non_finite_skip(policy, samples, loss_fn, ctx)
+        if (tp, pp) == (1, 1):
+            import dataclasses
+
+            from megatron_cppo.training.sft import sft_step
+
+            sft_ctx = dataclasses.replace(ctx, temperature=1.0)
+            out["sft"] = [sft_step(policy.chunks, policy.optimizer, mine, sft_ctx).metrics
+                          for _ in range(3)]
         return out
     finally:
         destroy_parallel(keep_process_group=True)
@@ -219,6 +228,15 @@ def test_loss_scale_rule(runs):
         scale = rec["scale"]
         assert scale["scale"] > 1e-4  # the gradients are not trivially zero
         assert scale["diff"] <= 1e-5 * scale["scale"] + 1e-7, scale
+
+
+def test_sft_step_lowers_the_response_nll(runs):
+    """The warm start (training/sft.py) on the same batch: the response NLL, averaged over both
+    data-parallel ranks, falls step after step."""
+    for rec in runs[(1, 1)]:
+        losses = [m["sft_loss"] for m in rec["sft"]]
+        assert losses[0] > losses[1] > losses[2], losses
+        assert rec["sft"][0]["response_tokens"] > 0
 
 
 def test_non_finite_loss_skips_everywhere(runs):
