@@ -102,7 +102,8 @@ def _agree(ok: bool, what: str, error: Optional[BaseException]) -> None:
 
 
 def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_config,
-                    source_hf_dir: Optional[str] = None, keep: int = 2) -> Path:
+                    source_hf_dir: Optional[str] = None, start: Optional[dict] = None,
+                    keep: int = 2) -> Path:
     """Collective over all ranks. Returns the published ``iter_*`` directory."""
     from megatron.core import dist_checkpointing
 
@@ -136,6 +137,7 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
             torch.save({"counters": vars(counters).copy(),
                         "scheduler": policy.scheduler.state_dict(),
                         "prompts": prompts.state_dict() if prompts is not None else None,
+                        "start": start,  # where the start (= reference) weights came from
                         "world_size": state.world_size, "tp": state.tp_size,
                         "pp": state.pp_size}, partial / TRAINER_STATE)
     except Exception as e:  # every rank must reach the agreement
@@ -238,7 +240,7 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
     same_world = meta["world_size"] == state.world_size
     if same_world and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    restored.update(optimizer=True, scheduler=True, step=counters.step,
+    restored.update(start=meta.get("start"), optimizer=True, scheduler=True, step=counters.step,
                     weight_version=counters.weight_version, rng=same_world,
                     data_position=meta["prompts"] is not None)
     return restored

@@ -45,7 +45,7 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
     """Train; returns the per-step metrics (on every rank)."""
     from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig, read_hf_state_dict
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from megatron_cppo.training.model import build_policy, build_reference, model_settings
+    from megatron_cppo.training.model import build_policy, model_settings
 
     state = initialize_parallel(ParallelConfig(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
@@ -59,14 +59,12 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
         torch.manual_seed(cfg.optimizer.seed)
         hf_config = _hf_config(cfg)
         settings = model_settings(cfg)
-        hf_sd = None
-        if cfg.model.hf_dir is not None and (cfg.checkpoint.load is None or cfg.loss.kl_coef > 0):
-            hf_sd = read_hf_state_dict(cfg.model.hf_dir)
         total_steps = cfg.optimizer.train_iters * cfg.mini_batches_per_step
+        hf_sd = read_hf_state_dict(cfg.model.hf_dir) \
+            if cfg.model.hf_dir is not None and cfg.checkpoint.load is None else None
         policy = build_policy(hf_config, state, settings, cfg.optimizer,
                               use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                              hf_state_dict=hf_sd if cfg.checkpoint.load is None else None,
-                              total_steps=total_steps)
+                              hf_state_dict=hf_sd, total_steps=total_steps)
         plugins = make_plugins(cfg, state, hf_config)
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or os.path.join(
             "runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -79,17 +77,18 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
                           rollout=plugins.rollout, prompts=plugins.prompts,
                           reward_fn=plugins.reward_fn, rope_cfg=MRopeIndexConfig.from_hf(hf_config),
                           valid_vocab=plugins.valid_vocab, logger=monitor)
+        # the start weights (HF or a megatron checkpoint: converted, warm-started) are also the
+        # frozen reference; a resumed run finds them in its checkpoint's record
+        start = {"kind": "hf", "path": cfg.model.hf_dir}
         if cfg.checkpoint.load is not None:
             restored = ckpt.load_checkpoint(cfg.checkpoint.load, policy=policy, state=state,
                                             counters=trainer.counters, prompts=plugins.prompts,
                                             load_optimizer=not cfg.checkpoint.no_load_optim)
+            start = restored.get("start") or {"kind": "megatron", "path": restored["checkpoint"]}
             monitor.print(f"loaded {restored}")
+        trainer.start = start
         if cfg.loss.kl_coef > 0:
-            trainer.reference = (
-                build_reference(hf_config, state, settings, hf_state_dict=hf_sd,
-                                cpu_offload=cfg.model.reference_cpu_offload)
-                if hf_sd is not None else _reference_from_start(cfg, trainer, policy, state,
-                                                                 hf_config, settings))
+            trainer.reference = _build_reference(cfg, start, state, hf_config, settings, hf_sd)
         monitor.print(
             f"Qwen2.5-VL CPPO: world {state.world_size} = tp {state.tp_size} x pp {state.pp_size}"
             f" x dp {state.dp_size}; {cfg.rollout.rollout_batch_size} prompts x "
@@ -112,14 +111,23 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
         destroy_parallel(keep_process_group=True)
 
 
-def _reference_from_start(cfg, trainer, policy, state, hf_config, settings):
-    from megatron_cppo.training.model import build_reference
+def _build_reference(cfg, start, state, hf_config, settings, hf_sd):
+    """The frozen reference model with the run's start weights."""
+    from megatron_cppo.models.qwen2_5_vl import read_hf_state_dict
+    from megatron_cppo.training.model import ReferenceModel, build_reference
 
-    if trainer.counters.step > 0:
-        raise ValueError("--hf-dir: resuming with --kl-coef > 0 needs the start weights for the "
-                         "frozen reference model")
-    return build_reference(hf_config, state, settings, from_chunks=policy.raw_chunks(),
-                           cpu_offload=cfg.model.reference_cpu_offload)
+    if start["kind"] == "hf":
+        if start["path"] is None:
+            raise ValueError("--hf-dir: the reference model needs the start weights")
+        return build_reference(hf_config, state, settings,
+                               hf_state_dict=hf_sd if hf_sd is not None
+                               else read_hf_state_dict(start["path"]),
+                               cpu_offload=cfg.model.reference_cpu_offload)
+    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl
+
+    chunks = build_qwen2_5_vl(hf_config, state, settings)
+    ckpt.load_megatron_checkpoint(chunks, start["path"], state)
+    return ReferenceModel(chunks, state.device, cpu_offload=cfg.model.reference_cpu_offload)
 
 
 def _loop(cfg, trainer, plugins, monitor, policy, state, hf_config) -> list[dict]:
@@ -147,7 +155,8 @@ def _loop(cfg, trainer, plugins, monitor, policy, state, hf_config) -> list[dict
                                      and step % cfg.checkpoint.save_interval == 0) or final):
             path = ckpt.save_checkpoint(cfg.checkpoint.save, policy=policy, state=state,
                                         counters=trainer.counters, prompts=plugins.prompts,
-                                        hf_config=hf_config, source_hf_dir=cfg.model.hf_dir)
+                                        hf_config=hf_config, source_hf_dir=cfg.model.hf_dir,
+                                        start=trainer.start)
             monitor.print(f"saved {path}")
         if exit_now:
             monitor.print(f"exit at step {step} (--exit-interval)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -148,6 +148,7 @@ class Trainer:
         self.logger = logger
         self.counters = TrainerState()
         self.last_samples: list[Sample] = []
+        self.start: Optional[dict] = None  # where the start (= reference) weights came from
         self.ctx = UpdateContext(
             state=state, rope_cfg=rope_cfg, temperature=cfg.rollout.rollout_temperature,
             valid_vocab=valid_vocab, micro_batch_size=cfg.optimizer.micro_batch_size,
