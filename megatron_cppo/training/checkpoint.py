@@ -35,9 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# The one place the trainer gets the model-checkpoint format from (moves to
-# megatron_cppo.checkpoint with the training-checkpoint module of issue 12 item 13).
-from megatron_cppo.convert.checkpoint import (  # noqa: I001
+# The one place the trainer gets the model-checkpoint format from.
+from megatron_cppo.checkpoint import (  # noqa: I001
     META_NAME,
     load_megatron_checkpoint,
     read_meta,
