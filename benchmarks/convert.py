@@ -10,7 +10,10 @@ the same run, on the same disk:
   (a) copy       ``shutil.copytree`` of its safetensors files (the kernel's copy path);
   (b) hf->mc     ``megatron-cppo-convert hf-to-megatron --tp TP --pp PP``;
   (c) reshard    ``reshard`` of (b) to TP1 PP1;
-  (d) mc->hf     ``megatron-to-hf`` of (b).
+  (d) mc->hf     ``megatron-to-hf`` of (b);
+  (e) check      ``check`` of (b) (metadata + every stored chunk's CRC-32, no model);
+and (b)-(d) once more with checksums off (``checksums=False``: nothing computed on write, nothing
+verified on read), interleaved with the default runs, for the cost of the checksums.
 MB/s = checkpoint size (the HF safetensors bytes) / seconds, for every row, so the ratios compare
 the same amount of model. Each conversion runs in a fresh process that imports the converter
 first, then converts: its seconds exclude interpreter start and imports. Memory: the process's
@@ -120,7 +123,27 @@ class AnonPeak:
         return max(self.peak, _status("RssAnon")["RssAnon"])
 
 
-def worker(argv: list[str]) -> None:
+def _run_api(argv: list[str], checksums: bool) -> int:
+    """The CLI's command, through the API so that checksums can be turned off."""
+    from megatron_cppo.convert import checkpoint, cli
+
+    a = cli.build_parser().parse_args(argv)
+    if a.command == "hf-to-megatron":  # both variants through the same API calls
+        checkpoint.hf_to_megatron(a.hf_dir, a.out, tp=a.tp, pp=a.pp, progress=False,
+                                  checksums=checksums)
+    elif a.command == "reshard":
+        checkpoint.reshard(a.megatron_dir, a.out, tp=a.tp, pp=a.pp, progress=False,
+                           checksums=checksums)
+    elif a.command == "megatron-to-hf":
+        checkpoint.megatron_to_hf(a.megatron_dir, a.out, progress=False, checksums=checksums)
+    elif checksums:
+        return cli.main(argv)
+    else:
+        raise SystemExit(f"no checksum-free variant of {a.command}")
+    return 0
+
+
+def worker(spec: dict) -> None:
     """Import the converter, note the memory after imports, convert, print a JSON line."""
     import warnings
 
@@ -134,7 +157,7 @@ def worker(argv: list[str]) -> None:
     base = _status("VmHWM", "RssAnon")
     sampler = AnonPeak()
     t0 = time.perf_counter()
-    rc = cli.main(argv)
+    rc = _run_api(spec["argv"], spec.get("checksums", True))
     seconds = time.perf_counter() - t0
     anon_peak = sampler.stop()
     print("RESULT " + json.dumps(dict(rc=rc, seconds=seconds, peak=_status("VmHWM")["VmHWM"],
@@ -142,10 +165,11 @@ def worker(argv: list[str]) -> None:
                                       import_anon=base["RssAnon"])), flush=True)
 
 
-def run_worker(argv: list[str]) -> dict:
+def run_worker(argv: list[str], checksums: bool = True) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get(
         "OMP_NUM_THREADS", "1"))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(argv)],
+    proc = subprocess.run([sys.executable, __file__, "--worker",
+                           json.dumps(dict(argv=argv, checksums=checksums))],
                           capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -199,23 +223,45 @@ def main(argv=None) -> None:
               f"{largest / 1e6:.1f} MB; hidden {args.hidden}, {args.layers} layers, vocab "
               f"{args.vocab}, untied", flush=True)
 
-        rows: dict[str, list] = {"copy": [], "hf->mc": [], "reshard": [], "mc->hf": []}
+        rows: dict[str, list] = {"copy": [], "hf->mc": [], "hf->mc no checksums": [],
+                                 "reshard": [], "reshard no checksums": [], "mc->hf": [],
+                                 "mc->hf no checksums": [], "check": []}
         for i in range(max(3, args.reps)):
             rows["copy"].append(dict(seconds=timed_copy(hf, root / f"copy{i}")))
             shutil.rmtree(root / f"copy{i}")
         for i in range(args.reps):
-            mc, rs, back = root / f"mc{i}", root / f"rs{i}", root / f"back{i}"
-            rows["hf->mc"].append(run_worker(
-                ["hf-to-megatron", "--hf-dir", str(hf), "--out", str(mc), "--tp", str(args.tp),
-                 "--pp", str(args.pp), "--no-progress"]))
-            rows["reshard"].append(run_worker(
-                ["reshard", "--megatron-dir", str(mc), "--out", str(rs), "--tp", "1", "--pp",
-                 "1", "--no-progress"]))
-            rows["mc->hf"].append(run_worker(
-                ["megatron-to-hf", "--megatron-dir", str(mc), "--out", str(back),
-                 "--no-progress"]))
-            for d in (mc, rs, back):
-                shutil.rmtree(d)
+            for crc in ((True, False) if i % 2 == 0 else (False, True)):  # alternate the order
+                tag = "" if crc else " no checksums"
+                mc, rs, back = root / f"mc{i}{crc}", root / f"rs{i}{crc}", root / f"back{i}{crc}"
+                rows["hf->mc" + tag].append(run_worker(
+                    ["hf-to-megatron", "--hf-dir", str(hf), "--out", str(mc), "--tp",
+                     str(args.tp), "--pp", str(args.pp), "--no-progress"], crc))
+                rows["reshard" + tag].append(run_worker(
+                    ["reshard", "--megatron-dir", str(mc), "--out", str(rs), "--tp", "1", "--pp",
+                     "1", "--no-progress"], crc))
+                rows["mc->hf" + tag].append(run_worker(
+                    ["megatron-to-hf", "--megatron-dir", str(mc), "--out", str(back),
+                     "--no-progress"], crc))
+                if crc:
+                    rows["check"].append(run_worker(["check", "--megatron-dir", str(mc)]))
+                for d in (mc, rs, back):
+                    shutil.rmtree(d)
+
+        # the checksum work alone, in this process, on a written checkpoint: what the default
+        # runs spend on top of the "no checksums" ones (computing after a write = one re-read
+        # + CRC of model/; verifying before a read = the same)
+        from megatron_cppo.checkpoint import integrity
+
+        mc = root / "mc_crc"
+        run_worker(["hf-to-megatron", "--hf-dir", str(hf), "--out", str(mc), "--tp",
+                    str(args.tp), "--pp", str(args.pp), "--no-progress"])
+        crc_s = []
+        for _ in range(max(3, args.reps)):
+            t0 = time.perf_counter()
+            integrity.verify(mc, ["model"], expected=True)
+            crc_s.append(time.perf_counter() - t0)
+        crc_bytes = integrity.total_bytes(mc / "model")
+        shutil.rmtree(mc)
 
         copy_s = statistics.median(r["seconds"] for r in rows["copy"])
         print("\n| step | seconds | MB/s | vs copy | peak RSS (VmHWM) | peak anonymous RSS over "
@@ -230,6 +276,22 @@ def main(argv=None) -> None:
                 mem = (f"{peak / 1e6:.0f} MB", f"{anon / 1e6:.0f} MB", f"x{anon / largest:.1f}")
             print(f"| {name} | {s:.2f} | {size / 1e6 / s:.0f} | x{copy_s / s:.3f} | "
                   + " | ".join(mem) + " |")
+        print("\n| step | with checksums s | without s | with / without |")
+        print("|---|---|---|---|")
+        for name in ("hf->mc", "reshard", "mc->hf"):
+            w = statistics.median(r["seconds"] for r in rows[name])
+            wo = statistics.median(r["seconds"] for r in rows[name + " no checksums"])
+            print(f"| {name} | {w:.2f} | {wo:.2f} | x{w / wo:.3f} |")
+        s = statistics.median(crc_s)
+
+        def med(name):
+            return statistics.median(r["seconds"] for r in rows[name])
+
+        print(f"\nchecksums alone (CRC-32 of every stored chunk of model/, {crc_bytes / 1e6:.0f} "
+              f"MB): {s:.2f} s = {crc_bytes / 1e6 / s:.0f} MB/s; per conversion that is "
+              + ", ".join(f"{name} {passes} pass(es) = {100 * passes * s / med(name):.0f}%"
+                          for name, passes in (("hf->mc", 1), ("reshard", 2), ("mc->hf", 1)))
+              + " of its time")
         print(f"\n(checkpoint {size / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB; "
               f"hf->mc at TP{args.tp} PP{args.pp}, reshard to TP1 PP1)")
     finally:

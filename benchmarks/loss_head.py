@@ -3,6 +3,8 @@
     python benchmarks/loss_head.py --tokens 4096 --tp 2            # CPU: gloo ranks, CUDA: nccl
     python benchmarks/loss_head.py --tokens 1024 2048 --variants cppo megatron megatron_nograd gather
     python benchmarks/loss_head.py --tokens 4096 --variants cppo --chunk-sizes 256 512 1024 2048 4096
+    python benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 \
+        --variants cppo cppo_triton megatron gather          # GPU: triton vs torch vs (b) vs floor
 
 Each measurement spawns ``--tp`` fresh ranks (gloo on CPU, nccl on CUDA). Every rank holds its
 vocab shard ``[T, V/tp]`` of three bf16 logits tensors (clean, I+, I-: leaves, not counted) and runs
@@ -12,7 +14,11 @@ three passes carry gradients) and backward to the three logits tensors. Each log
 dropped as soon as it arrives (a hook), as the output layer's backward would consume it.
 
 Variants:
-  cppo             megatron_cppo.ops.log_probs_and_entropy (chunked, bf16 in, fp32 per chunk)
+  cppo             megatron_cppo.ops.log_probs_and_entropy, torch path (impl="torch": chunked,
+                   bf16 in, fp32 per chunk)
+  cppo_triton      the same API with impl="triton" (megatron_cppo/ops/triton_loss_head.py: each
+                   logits row read once in forward, once in backward); CUDA, or CPU under
+                   TRITON_INTERPRET=1 (slow, for checking only)
   megatron         baseline (b), as Megatron RL trainers do it (verl megatron_actor): the fp32 logits
                    (``.float()``: Float16Module's fp32_output), megatron-core
                    ``vocab_parallel_cross_entropy`` on a clone for the log-prob, and a verl-style
@@ -20,6 +26,10 @@ Variants:
   megatron_nograd  baseline (b) with the entropy under no_grad (the most favourable variant of (b):
                    CPPO uses the entropy only detached)
   gather           baseline (a): all-gather the full vocabulary, fp32 ``log_softmax`` + entropy
+
+On CUDA the table ends with the HBM floor: the three passes must read the bf16 logits once in forward
+and once in backward and write the bf16 gradient once, 9 x T x V/tp x 2 bytes per rank, at the
+bandwidth of a bf16 clone measured in the same run (read + write).
 
 Peak memory is "bytes allocated above what existed before the step" (inputs excluded, gradients of
 the logits included): on CUDA ``torch.cuda.max_memory_allocated``; on CPU, where torch keeps no
@@ -51,7 +61,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
-VARIANTS = ("cppo", "megatron", "megatron_nograd", "gather")
+VARIANTS = ("cppo", "cppo_triton", "megatron", "megatron_nograd", "gather")
 GIB = 1024 ** 3
 
 
@@ -215,8 +225,9 @@ def _step(variant, logits3, labels, group, chunk_size, num_seqs):
     from megatron_cppo.ops import log_probs_and_entropy
 
     clean, plus, minus = logits3
-    if variant == "cppo":
-        kw = dict(group=group, chunk_size=chunk_size, with_entropy=False)
+    if variant in ("cppo", "cppo_triton"):
+        kw = dict(group=group, chunk_size=chunk_size, with_entropy=False,
+                  impl="triton" if variant == "cppo_triton" else "torch")
         a, h = log_probs_and_entropy(clean, labels, **kw)
         b, _ = log_probs_and_entropy(plus, labels, **kw)
         c, hm = log_probs_and_entropy(minus, labels, **kw)
@@ -366,7 +377,7 @@ def estimate_bytes(variant, tokens, vocab, tp, chunk_size, device):
 
     chunk = min(tokens, chunk_size or default_chunk_size(vocab // tp, device))
     # bytes per shard element, from measured peaks (T=1024, V=151,936, TP=2) plus a margin
-    factor = {"cppo": 2 + 12 * chunk / tokens, "megatron": 8 * 4, "megatron_nograd": 5.5 * 4,
+    factor = {"cppo": 2 + 12 * chunk / tokens, "cppo_triton": 2.5, "megatron": 8 * 4, "megatron_nograd": 5.5 * 4,
               "gather": 7.5 * 4 * tp}[variant]
     return factor * shard + 3 * 2 * shard  # + the bf16 inputs
 
@@ -376,7 +387,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per micro-batch")
     p.add_argument("--vocab", type=int, default=151_936, help="vocabulary rows (Qwen: 151,936)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks to spawn")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="default: all (cppo_triton only on CUDA or under TRITON_INTERPRET=1)")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[0],
                    help="chunk sizes for the cppo head (0: the default)")
     p.add_argument("--reps", type=int, default=2, help="timed steps after the measured one")
@@ -390,6 +402,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if v != "cppo_triton" or device == "cuda"
+                         or os.environ.get("TRITON_INTERPRET") == "1"]
     budget = args.max_gib_per_rank
     if budget is None and device == "cpu":
         budget = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / args.tp
@@ -399,10 +414,11 @@ def main(argv=None):
         if tokens % args.num_seqs:
             raise SystemExit(f"--tokens {tokens} must be divisible by --num-seqs {args.num_seqs}")
         for variant in args.variants:
-            for chunk in (args.chunk_sizes if variant == "cppo" else [0]):
+            for chunk in (args.chunk_sizes if variant.startswith("cppo") else [0]):
                 est = estimate_bytes(variant, tokens, args.vocab, args.tp, chunk or None,
                                      device) / GIB
-                label = f"{variant}" + (f" chunk={chunk or 'default'}" if variant == "cppo" else "")
+                label = f"{variant}" + (f" chunk={chunk or 'default'}"
+                                        if variant.startswith("cppo") else "")
                 if budget is not None and est > budget:
                     print(f"skip T={tokens} {label}: estimated {est:.1f} GiB/rank > {budget:.1f}",
                           flush=True)
@@ -416,13 +432,35 @@ def main(argv=None):
                 print(f"T={tokens} {label}: peak {row['peak'] / GIB:.3f} GiB (rss {rss}), "
                       f"time best {row['time']:.3f} s, median {row['time_median']:.3f} s, "
                       f"cpu {row['cpu_time'] or 0:.3f} s", flush=True)
-    _print_table(rows, args, device)
+    floors = _hbm_floors(args) if device == "cuda" else {}
+    _print_table(rows, args, device, floors)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if k != "outputs"} for r in rows], f, indent=1)
 
 
-def _print_table(rows, args, device):
+def _hbm_floors(args) -> dict:
+    """Seconds per step at the measured copy bandwidth: 9 bf16 [T, V/tp] tensors moved per rank."""
+    floors = {}
+    for tokens in args.tokens:
+        x = torch.empty(tokens, args.vocab // args.tp, dtype=torch.bfloat16, device="cuda")
+        x.normal_()
+        for _ in range(2):
+            x.clone()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            x.clone()
+        end.record()
+        torch.cuda.synchronize()
+        bandwidth = 2 * x.nbytes * 10 / (start.elapsed_time(end) / 1e3)  # bytes/s, read + write
+        floors[tokens] = (9 * x.nbytes / bandwidth, bandwidth)
+        del x
+    return floors
+
+
+def _print_table(rows, args, device, floors=None):
     print(f"\nloss head, fwd+bwd of 3 passes, V={args.vocab}, TP={args.tp}, bf16 logits, "
           f"device={device}")
     print("| T | variant | peak GiB/rank | peak RSS GiB/rank | time s (best) | time s (median) "
@@ -441,9 +479,14 @@ def _print_table(rows, args, device):
             diff = max((x - y).abs().max().item() for x, y in zip(r["outputs"][:5],
                                                                     first["outputs"][:5]))
             rss = f"{r['rss_peak'] / GIB:.2f}" if r["rss_peak"] is not None else "-"
-            print(f"| {tokens} | {r['label']} | {r['peak'] / GIB:.3f} | {rss} | {r['time']:.2f} "
-                  f"| {r['time_median']:.2f} | {cpu} | {ratio_m} | {ratio_t} | {ratio_c} "
+            print(f"| {tokens} | {r['label']} | {r['peak'] / GIB:.3f} | {rss} | {r['time']:.4f} "
+                  f"| {r['time_median']:.4f} | {cpu} | {ratio_m} | {ratio_t} | {ratio_c} "
                   f"| {diff:.2e} |")
+        if floors and tokens in floors:
+            floor, bandwidth = floors[tokens]
+            ratio_t = f"{floor / ref['time']:.3f}" if ref else "-"
+            print(f"| {tokens} | HBM floor ({bandwidth / 1e12:.2f} TB/s copy) | - | - | "
+                  f"{floor:.4f} | - | - | - | {ratio_t} | - | - |")
 
 
 if __name__ == "__main__":

@@ -119,16 +119,12 @@ def _worker(cfg):
     cuda = cfg["gpu"]
     if not cuda:
         torch.set_num_threads(cfg["threads"])
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core import tensor_parallel
 
-    from megatron_cppo.models.qwen2_5_vl import (
-        Qwen25VLModelConfig,
-        build_qwen2_5_vl,
-        stage_inputs,
-        unwrap,
-    )
+    from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
     from megatron_cppo.models.qwen2_5_vl.config import reference_hf_config
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+    from megatron_cppo.training.forward_step import run_pipeline
 
     state = initialize_parallel(ParallelConfig(tensor_model_parallel_size=cfg["tp"],
                                                pipeline_model_parallel_size=cfg["pp"]))
@@ -140,30 +136,16 @@ def _worker(cfg):
     mbs = make_microbatches(hf, num_mb=cfg["num_mb"], batch=cfg["batch"], seq=cfg["seq"],
                             image_hw=cfg["image_hw"])
     mbs = [{k: v.to(state.device) for k, v in mb.items()} for mb in mbs]
-    fb = get_forward_backward_func()
 
-    def forward_step(data_iterator, chunk):
-        mb = next(data_iterator)
-        inp = stage_inputs(mb, pre_process=unwrap(chunk).pre_process)
-        out = chunk(inp.get("input_ids"), mb["position_ids"],
-                    pixel_values=inp.get("pixel_values"),
-                    image_grid_thw=inp.get("image_grid_thw"))
-
-        def loss_func(logits_BSV):
-            from megatron.core import tensor_parallel
-
-            loss = tensor_parallel.vocab_parallel_cross_entropy(logits_BSV.float(),
-                                                                mb["labels"]).mean()
-            return loss, {"loss": loss.detach()}
-
-        return out, loss_func
+    def loss_head(mb, logits_BSV):
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits_BSV.float(),
+                                                            mb["labels"]).mean()
+        return loss, {"loss": loss.detach()}
 
     def step():
         for c in chunks:
             c.zero_grad(set_to_none=True)
-        fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=chunks,
-           num_microbatches=len(mbs), seq_length=cfg["seq"], micro_batch_size=cfg["batch"],
-           forward_only=False)
+        run_pipeline(chunks, mbs, loss_head)
         if cuda:
             torch.cuda.synchronize()
 

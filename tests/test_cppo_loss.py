@@ -3,19 +3,22 @@
 Proven here (single process, CPU):
 - the whole micro-batch loss, computed through the vocab-parallel head from logits at Qwen's real
   vocabulary (151,936 rows; one case with 151,665 valid rows and temperature 0.8), equals an
-  independent fp64 reference written below from the full logits (log_softmax, the method note's
-  formulas, a loop-based perception-token selection and CPL in its InfoNCE form), in value and in
-  the gradients w.r.t. the clean, I+ and I- logits, for every switch: vision mask on/off, gating
-  on/off, top percent, tau, coefficient, estimator k1/k2/k3, full-vocabulary divergence, entropy
-  bonus, aggregation mode;
+  independent fp64 reference written below from the full logits (log_softmax, the formulas of
+  docs/cppo-objective.md, a loop-based perception-token selection and CPL in its InfoNCE form), in
+  value and in the gradients w.r.t. the clean, I+ and I- logits, for every switch: vision mask
+  on/off, gating on/off, top percent, tau, coefficient, estimator k1/k2/k3 (with and without the
+  opt-in divergence clamp), full-vocabulary divergence, entropy bonus, every aggregation mode
+  (CPL aggregated with it too);
 - "skip the perturbed passes of gated-out samples" gives bitwise the same loss and gradients as
   "run them" (and the passes that were run get exactly zero gradient);
-- the gradient oracle of cppo-method.md and the InfoNCE identity;
-- selection edge cases (no increase, ties, all equal, padding, k = max(1, floor(p c)));
-- GRPO advantages, PPO clip/dual clip, KL estimators, aggregation modes, config validation,
-  which samples need perturbed passes, metrics; logits unchanged by forward and backward.
-Not proven here: TP > 1 (the head's own test covers sharding; the loss only sees per-token values,
-identical on every TP rank).
+- the CPL gradient oracle (docs/cppo-objective.md) and the InfoNCE identity;
+- selection edge cases (no increase, ties, all equal, padding, k = max(1, floor(fp32(p c))));
+- GRPO advantages (exactly 0 for groups with equal rewards at n = 5, 8, 16), PPO clip/dual clip,
+  KL estimators, aggregation modes, config validation, which samples need perturbed passes,
+  metrics; NaN/inf at padded positions reach neither the loss nor a gradient; logits unchanged by
+  forward and backward.
+Not proven here: equality with a transcription of the reference recipe's source, and TP = 2
+(tests/test_reference_parity.py).
 
 Tolerances: loss |err| <= 1e-5 (1 + |ref|); gradient |err| <= 1e-6 max|ref| + 1e-3 |ref| (fp32
 head vs fp64 reference; a wrong term moves gradients by O(1) relative).
@@ -43,13 +46,15 @@ from megatron_cppo.algorithms import (
     samples_needing_perturbed_passes,
     select_perception_tokens,
 )
-from megatron_cppo.ops import kl_estimate, log_probs_and_entropy
+from megatron_cppo.algorithms import kl_estimate
+from megatron_cppo.ops import log_probs_and_entropy
 
 VOCAB = 151_936
 B, T = 6, 10
 
 # ----------------------------------------------------------------------------------------------
-# independent references (fp64, written from the method note; never call the code under test)
+# independent references (fp64, written from docs/cppo-objective.md; never call the code under
+# test)
 
 
 def ref_select(H, Hm, mask, top_percent, eps=1e-6):
@@ -61,32 +66,35 @@ def ref_select(H, Hm, mask, top_percent, eps=1e-6):
         if not pos:
             continue
         s = {t: max(dH[t], 0.0) / (float(Hm[i, t]) + eps) for t in resp}
-        k = max(1, math.floor(top_percent * len(pos)))
+        # p c rounded to fp32 before the floor, as the reference recipe computes it
+        k = max(1, math.floor(float(torch.tensor(float(len(pos))) * top_percent)))
         theta = sorted((s[t] for t in pos), reverse=True)[k - 1]
         for t in pos:
             out[i, t] = s[t] >= theta
     return out
 
 
-def ref_k(a, b, kind, cpl):
-    """Estimator of KL(p||q) from a = log p(y), b = log q(y) (y ~ p)."""
+def ref_k(a, b, kind, clamp=None):
+    """Estimator of KL(p||q) from a = log p(y), b = log q(y) (y ~ p); only k3 clamps itself."""
     if kind in ("k3", "low_var_kl"):
         d = torch.clamp(b - a, -20, 20)
-        return torch.clamp(torch.exp(d) - d - 1, -10, 10)
-    v = (a - b) if kind in ("k1", "kl") else 0.5 * (a - b) ** 2
-    return torch.clamp(v, -10, 10) if cpl else v
+        v = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    else:
+        v = (a - b) if kind in ("k1", "kl") else 0.5 * (a - b) ** 2
+    return v if clamp is None else torch.clamp(v, -clamp, clamp)
 
 
-def ref_agg(x, mask, mode):
+def ref_agg(x, mask, mode, eps=1e-8):
+    """Every seq-mean mode divides by the number of rows of ``x`` (the micro-batch)."""
     m = mask.double()
     if mode == "token-mean":
-        return (x * m).sum() / (m.sum() + 1e-8)
+        return (x * m).sum() / (m.sum() + eps)
     rows = (x * m).sum(-1)
     if mode == "seq-mean-token-sum":
         return rows.mean()
     if mode == "seq-mean-token-mean":
         return (rows / (m.sum(-1) + 1e-8)).mean()
-    return rows.sum() / x.shape[-1]
+    return (rows / x.shape[-1]).mean()
 
 
 def ref_cppo(cfg, z, zp, zm, labels, mask, old, refl, adv, temperature=1.0, valid=VOCAB):
@@ -108,11 +116,11 @@ def ref_cppo(cfg, z, zp, zm, labels, mask, old, refl, adv, temperature=1.0, vali
     l2 = -A * torch.clamp(ratio, 1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high)
     lmax = torch.maximum(l1, l2)
     pg_tok = torch.where(A < 0, torch.minimum(lmax, -A * cfg.clip_ratio_c), lmax)
-    loss = ref_agg(pg_tok, mask, cfg.loss_agg_mode)
-    loss = loss + cfg.kl_loss_coef * ref_agg(ref_k(a, refl, cfg.kl_loss_type, False), mask,
-                                             cfg.loss_agg_mode)
+    loss = ref_agg(pg_tok, mask, cfg.loss_agg_mode, eps=0.0)
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * ref_agg(H, mask, cfg.loss_agg_mode)
+    loss = loss + cfg.kl_loss_coef * ref_agg(ref_k(a, refl, cfg.kl_loss_type), mask,
+                                             cfg.loss_agg_mode)
 
     if cfg.use_perception_mask:
         m = ref_select(H.detach(), Hm.detach(), mask, cfg.cpl_top_percent)
@@ -125,11 +133,12 @@ def ref_cppo(cfg, z, zp, zm, labels, mask, old, refl, adv, temperature=1.0, vali
         dp = (ls.exp() * (ls - lsp)).sum(-1)
         dm = (ls.exp() * (ls - lsm_)).sum(-1)
     else:
-        dp, dm = ref_k(a, b, kind, True), ref_k(a, c, kind, True)
+        dp = ref_k(a, b, kind, cfg.cpl_divergence_clamp)
+        dm = ref_k(a, c, kind, cfg.cpl_divergence_clamp)
     ep, em = torch.exp(-dp / cfg.cpl_tau), torch.exp(-dm / cfg.cpl_tau)
     info_nce = -torch.log(ep / (ep + em))
-    M = m.double()
-    cpl = (torch.where(m, info_nce, torch.zeros_like(info_nce))).sum() / (M.sum() + 1e-8)
+    # CPL is aggregated like the policy loss, over all B rows of the micro-batch
+    cpl = ref_agg(torch.where(m, info_nce, torch.zeros_like(info_nce)), m, cfg.loss_agg_mode)
     return loss + cfg.cpl_coef * cpl, m
 
 
@@ -157,7 +166,7 @@ def make_inputs(seed=0):
 
 
 def run_ours(cfg, z, zp, zm, labels, mask, adv, old, refl, *, temperature=1.0, valid=None,
-             skip=True, loss_scale=1.0):
+             skip=True):
     """Our pipeline: head on each pass, perturbed passes only for the needed rows (``skip``)."""
     z, zp, zm = (t.clone().requires_grad_() for t in (z, zp, zm))
     snapshots = [t.detach().clone() for t in (z, zp, zm)]
@@ -176,7 +185,7 @@ def run_ours(cfg, z, zp, zm, labels, mask, adv, old, refl, *, temperature=1.0, v
                                   minus_entropy_PT=Hm,
                                   plus_logits_PTV=zp[rows] if full else None,
                                   minus_logits_PTV=zm[rows] if full else None))
-    loss, metrics = loss_fn(batch, loss_scale=loss_scale)
+    loss, metrics = loss_fn(batch)
     loss.backward()
     unchanged = all(torch.equal(t.detach(), s) for t, s in zip((z, zp, zm), snapshots))
     return loss, metrics, (z.grad, zp.grad, zm.grad), need, unchanged
@@ -188,9 +197,12 @@ CONFIGS = {
     "no_gating": CPPOLossConfig(advantage_gating=False),
     "k1": CPPOLossConfig(kl_loss_type="k1"),                 # CPL divergence follows: k1
     "k2_cpl_k3_kl": CPPOLossConfig(cpl_divergence="k2"),
+    "k1_clamped": CPPOLossConfig(kl_loss_type="k1", cpl_divergence_clamp=0.5),
     "tau_top_coef": CPPOLossConfig(cpl_tau=0.5, cpl_top_percent=0.3, cpl_coef=0.2),
     "full_vocab": CPPOLossConfig(cpl_divergence="full_vocab", cpl_coef=0.05),
     "entropy_seqmean": CPPOLossConfig(entropy_coef=0.01, loss_agg_mode="seq-mean-token-mean"),
+    "seq_token_sum": CPPOLossConfig(loss_agg_mode="seq-mean-token-sum", cpl_coef=0.1),
+    "seq_token_sum_norm": CPPOLossConfig(loss_agg_mode="seq-mean-token-sum-norm", cpl_coef=0.1),
 }
 
 
@@ -367,10 +379,12 @@ def test_selection_edge_cases():
     assert _sel([1, 8], [2, 10], p=0.5) == [1, 0]
     # padding: a huge increase on a padded position is neither selected nor moves theta
     assert _sel([1, 1, 1, 0], [2, 1.5, 1.2, 100], mask=[1, 1, 1, 0], p=0.7) == [1, 1, 0, 0]
-    # k = max(1, floor(p c)) with floating p c: 0.29 * 100 = 28.999999999999996 -> 28
+    # k = max(1, floor(p c)) with p c rounded to fp32, as the reference: fp32(0.29) * 100 rounds
+    # to 29.0, so k = 29. (An earlier version asserted 28, the floor of the fp64 product
+    # 28.999999999999996, which is not what the reference computes.)
     H = [1.0] * 100
     Hm = [1.0 + (i + 1) / 100 for i in range(100)]
-    assert sum(_sel(H, Hm, p=0.29)) == 28
+    assert sum(_sel(H, Hm, p=0.29)) == 29
 
 
 def test_selection_random_vs_loop_reference():
@@ -397,10 +411,28 @@ def test_grpo_advantages():
         x = r[idx]
         torch.testing.assert_close(adv[idx], (x - x.mean()) / (x.std() + 1e-6))
     assert adv[3] == 0  # group of size 1
-    # equal rewards -> 0
+    # equal rewards -> exactly 0
     assert torch.equal(grpo_advantages(torch.ones(4), torch.zeros(4)), torch.zeros(4))
     torch.testing.assert_close(grpo_advantages(r, groups, normalize_by_std=False)[[0, 2, 5]],
                                r[[0, 2, 5]] - r[[0, 2, 5]].mean())
+
+
+@pytest.mark.parametrize("n", [5, 8, 16])
+def test_grpo_equal_rewards_give_exact_zero(n):
+    """A group whose rewards are all equal carries no signal: its advantages are exactly 0, also
+    where the fp32 group mean does not round back to the reward (the literal formula then gives
+    up to ~0.1, enough to pass the CPL gate A > 0). Another group in the same call is unaffected."""
+    spurious = 0
+    for value in (0.03, 0.12, 0.1, 0.7, 0.9, 0.91, 0.37, 0.55, 1.0):
+        rewards = torch.cat([torch.full((n,), value), torch.tensor([0.0, 1.0, 1.0])])
+        groups = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+        adv = grpo_advantages(rewards, groups)
+        assert torch.equal(adv[:n], torch.zeros(n)), (value, adv[:n])
+        x = rewards[n:]
+        torch.testing.assert_close(adv[n:], (x - x.mean()) / (x.std() + 1e-6))
+        r = rewards[:n]
+        spurious = max(spurious, ((r - r.mean()) / (r.std() + 1e-6)).abs().max().item())
+    assert spurious > 1e-3, "no case where the literal formula leaves a residue: test proves little"
 
 
 def test_ppo_clip_and_dual_clip():
@@ -440,15 +472,25 @@ def test_aggregation_modes():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
     for mode in AGG_MODES:
         torch.testing.assert_close(aggregate_loss(x, mask, mode), ref_agg(x, mask, mode))
-    assert aggregate_loss(x, mask, "seq-mean-token-sum-norm") == (x * mask).sum() / 5
+    # Dr.GRPO: divided by T = 5 and by the 3 rows (the reference's agg_loss)
+    torch.testing.assert_close(aggregate_loss(x, mask, "seq-mean-token-sum-norm"),
+                               (x * mask).sum() / 5 / 3, rtol=1e-14, atol=0)
+    # a subset of rows aggregated as part of a 6-row micro-batch
+    torch.testing.assert_close(aggregate_loss(x, mask, "seq-mean-token-sum", num_rows=6),
+                               (x * mask).sum() / 6, rtol=1e-14, atol=0)
+    # token-mean without epsilon (the PPO term): the count itself, 0 for an empty mask
+    torch.testing.assert_close(aggregate_loss(x, mask, "token-mean", token_mean_eps=0.0),
+                               (x * mask).sum() / 9, rtol=1e-14, atol=0)
+    assert aggregate_loss(x, torch.zeros(3, 5), "token-mean", token_mean_eps=0.0) == 0
 
 
-def test_metrics_and_loss_scale(inputs):
+def test_metrics(inputs):
+    """The loss is returned unscaled (megatron's schedule divides by num_microbatches once) and
+    equals the ``loss`` metric."""
     z, zp, zm, labels, mask, adv, old, refl = inputs
     cfg = CPPOLossConfig()
-    loss1, metrics, *_ = run_ours(cfg, z, zp, zm, labels, mask, adv, old, refl)
-    loss4, _, *_ = run_ours(cfg, z, zp, zm, labels, mask, adv, old, refl, loss_scale=0.25)
-    torch.testing.assert_close(loss4, loss1 * 0.25)
+    loss, metrics, *_ = run_ours(cfg, z, zp, zm, labels, mask, adv, old, refl)
+    assert torch.equal(loss.detach(), metrics["loss"])
     for key in ("pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "kl_loss", "entropy",
                 "cpl_loss", "perception_tokens", "perception_token_frac",
                 "perception_token_frac_all", "cpl_gated_sample_frac", "cpl_samples", "loss"):
@@ -464,7 +506,7 @@ def test_metrics_and_loss_scale(inputs):
     ("clip_ratio_low", 1.0), ("clip_ratio_c", 1.0), ("loss_agg_mode", "mean"),
     ("kl_loss_type", "k9"), ("kl_loss_coef", -1.0), ("cpl_coef", float("nan")),
     ("cpl_tau", 0.0), ("cpl_top_percent", 0.0), ("cpl_top_percent", 1.5),
-    ("cpl_divergence", "js"),
+    ("cpl_divergence", "js"), ("cpl_divergence_clamp", 0.0),
 ])
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -485,3 +527,46 @@ def test_config_warns_about_ignored_settings():
         CPPOLossConfig(cpl_coef=0.0, cpl_tau=0.5)
     with pytest.warns(UserWarning, match="cpl_top_percent ignored because use_perception_mask"):
         CPPOLossConfig(use_perception_mask=False, cpl_top_percent=0.3)
+
+
+def test_non_finite_padding_reaches_neither_loss_nor_gradient():
+    """NaN / inf written into padded positions of every per-token input (a filled old log-prob,
+    ref log-prob, entropy, perturbed log-probs, even the clean log-probs) leave the loss and the
+    gradients bitwise unchanged; padded positions get gradient exactly 0."""
+    g = torch.Generator().manual_seed(3)
+    b, t = 4, 7
+    mask = torch.ones(b, t)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    pad = ~mask.bool()
+    base = {name: torch.randn(b, t, generator=g) * 0.3 - 2.0
+            for name in ("a", "old", "ref", "bp", "cm")}
+    base["H"] = torch.rand(b, t, generator=g) * 2
+    base["Hm"] = base["H"] + torch.randn(b, t, generator=g)
+    adv = torch.tensor([1.0, -0.5, 0.7, 0.2])
+
+    def run(values, mode):
+        leaves = {k: values[k].clone().requires_grad_() for k in ("a", "H", "bp", "cm")}
+        batch = CPPOMicroBatch(
+            log_probs_BT=leaves["a"], entropy_BT=leaves["H"], old_log_probs_BT=values["old"],
+            ref_log_probs_BT=values["ref"], response_mask_BT=mask, advantages_B=adv,
+            perturbed=PerturbedPasses(sample_idx_P=torch.arange(b),
+                                      plus_log_probs_PT=leaves["bp"],
+                                      minus_log_probs_PT=leaves["cm"],
+                                      minus_entropy_PT=values["Hm"]))
+        cfg = CPPOLossConfig(loss_agg_mode=mode, entropy_coef=0.01, advantage_gating=False)
+        loss, _ = CPPOLoss(cfg)(batch)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return loss, grads
+
+    for mode in AGG_MODES:
+        clean_loss, clean_grads = run(base, mode)
+        poisoned = {k: torch.where(pad, torch.tensor(v), x) for k, x in base.items()
+                    for v in [{"old": float("nan"), "ref": float("-inf"),
+                               "a": float("nan"), "H": float("inf"), "Hm": float("nan"),
+                               "bp": float("-inf"), "cm": float("nan")}[k]]}
+        loss, grads = run(poisoned, mode)
+        assert torch.isfinite(clean_loss) and torch.equal(loss, clean_loss), mode
+        for gr, cg in zip(grads, clean_grads):
+            assert torch.equal(gr, cg), mode
+            assert torch.count_nonzero(gr[pad]) == 0

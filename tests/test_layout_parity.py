@@ -27,7 +27,7 @@ def _one_layout(tp, pp, distributed_optimizer, cfg, microbatches):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_cppo import toy_gpt
+    import toy_gpt
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
     ps = initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp,
@@ -68,7 +68,7 @@ def _one_layout(tp, pp, distributed_optimizer, cfg, microbatches):
 
 
 def _all_layouts(ranks, cfg):
-    from megatron_cppo import toy_gpt
+    import toy_gpt
 
     microbatches = toy_gpt.synthetic_microbatches(cfg, NUM_MICROBATCHES, seed=7)
     out = []
@@ -80,7 +80,7 @@ def _all_layouts(ranks, cfg):
 
 @pytest.fixture(scope="module")
 def layout_runs():
-    from megatron_cppo.toy_gpt import ToyGPTConfig
+    from toy_gpt import ToyGPTConfig
 
     cfg = ToyGPTConfig()
     per_rank = run_on_ranks(_all_layouts, 4, megatron=False, args=(cfg,), timeout=600)
@@ -155,7 +155,7 @@ def test_optimizer_step_equal(layout_runs, layout, dist_opt):
             exp = _expected_shard(full[name], name, rec, cfg)
             torch.testing.assert_close(p, exp, rtol=1e-4, atol=1e-5, msg=lambda m: f"{layout} {name}: {m}")
     # the step moved the weights (a no-op optimizer would pass the comparisons above)
-    from megatron_cppo import toy_gpt
+    import toy_gpt
 
     start = toy_gpt.full_state_dict(cfg)
     moved = max((full[n] - start[n]).abs().max().item() for n in full)

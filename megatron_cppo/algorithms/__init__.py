@@ -3,6 +3,7 @@ Perception Loss with perception-token selection and advantage gating."""
 
 from megatron_cppo.algorithms.advantages import grpo_advantages
 from megatron_cppo.algorithms.batch import CPPOMicroBatch, PerturbedPasses
+from megatron_cppo.algorithms.kl import canonical_kl_kind, kl_estimate
 from megatron_cppo.algorithms.cppo_loss import (
     CPPOLoss,
     CPPOLossConfig,
@@ -24,6 +25,7 @@ from megatron_cppo.algorithms.policy_loss import (
     AGG_MODES,
     aggregate_loss,
     masked_mean,
+    masked_sum,
     ppo_clip_policy_loss,
     reference_kl_loss,
 )
@@ -31,6 +33,6 @@ from megatron_cppo.algorithms.policy_loss import (
 __all__ = ["AGG_MODES", "AllResponseTokens", "CPPOLoss", "CPPOLossConfig", "CPPOMicroBatch",
            "ContrastivePerceptionLoss", "FullVocabDivergence", "NoPerceptionTerm",
            "PerceptionTerm", "PerturbedPasses", "SampledDivergence", "TopRelativeEntropyIncrease",
-           "aggregate_loss", "build_perception_term", "cpl_per_token", "grpo_advantages",
-           "masked_mean", "ppo_clip_policy_loss", "reference_kl_loss",
-           "samples_needing_perturbed_passes", "select_perception_tokens"]
+           "aggregate_loss", "build_perception_term", "canonical_kl_kind", "cpl_per_token",
+           "grpo_advantages", "kl_estimate", "masked_mean", "masked_sum", "ppo_clip_policy_loss",
+           "reference_kl_loss", "samples_needing_perturbed_passes", "select_perception_tokens"]

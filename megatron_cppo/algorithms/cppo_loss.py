@@ -1,9 +1,16 @@
 """The CPPO micro-batch loss: GRPO policy loss + reference KL + Contrastive Perception Loss.
 
-    loss = loss_scale * (L_pg + kl_loss_coef * L_KL - entropy_coef * L_H + cpl_coef * L_CPL)
+    loss = L_pg - entropy_coef * L_H + kl_loss_coef * L_KL + cpl_coef * L_CPL
 
-with every default from cppo-method.md (the reference verl recipe). ``loss_scale`` is
-1 / num_microbatches of the mini-batch (one optimizer step per mini-batch).
+each term aggregated over the micro-batch with ``loss_agg_mode``; every default and formula follows
+the reference CPPO recipe (docs/cppo-objective.md, which also lists the deliberate differences).
+
+Loss scale, one rule: ``CPPOLoss`` returns the loss of ONE micro-batch and never scales it. The
+average over the micro-batches of a mini-batch is taken exactly once, by whoever accumulates the
+gradients: megatron's pipeline schedule (``forward_backward_func``) divides the loss our loss
+function returns by ``num_microbatches`` (a loss function returning ``(loss, metrics)`` gets
+``loss * cp_size / num_microbatches``), so the trainer passes this loss on unchanged. A loop that
+calls ``backward`` itself over n micro-batches divides by n itself, as the reference does.
 
 Usage per micro-batch (the trainer owns the model passes; the vocab-parallel head gives the
 per-token tensors, see megatron_cppo/ops/vocab_parallel.py):
@@ -11,8 +18,8 @@ per-token tensors, see megatron_cppo/ops/vocab_parallel.py):
     loss_fn = CPPOLoss(CPPOLossConfig(), tp_group=tp_group)
     need_B = loss_fn.samples_needing_perturbed_passes(advantages_B, response_mask_BT)
     ... run I+ / I- only for rows need_B.nonzero() ...
-    loss, metrics = loss_fn(CPPOMicroBatch(...), loss_scale=1 / num_microbatches)
-    loss.backward()
+    loss, metrics = loss_fn(CPPOMicroBatch(...))
+    return loss, metrics          # from megatron's loss function: the schedule divides once
 
 Shape suffixes: B sequences of the micro-batch, T response positions.
 """
@@ -28,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cppo.algorithms.batch import CPPOMicroBatch
+from megatron_cppo.algorithms.kl import canonical_kl_kind
 from megatron_cppo.algorithms.perception import (
     AllResponseTokens,
     ContrastivePerceptionLoss,
@@ -44,7 +52,6 @@ from megatron_cppo.algorithms.policy_loss import (
     ppo_clip_policy_loss,
     reference_kl_loss,
 )
-from megatron_cppo.ops.vocab_parallel import canonical_kl_kind
 
 __all__ = ["CPPOLoss", "CPPOLossConfig", "build_perception_term",
            "samples_needing_perturbed_passes"]
@@ -54,7 +61,7 @@ FULL_VOCAB = "full_vocab"
 
 @dataclass(kw_only=True)
 class CPPOLossConfig:
-    """Loss settings; defaults reproduce the reference CPPO recipe (cppo-method.md)."""
+    """Loss settings; defaults reproduce the reference CPPO recipe (docs/cppo-objective.md)."""
 
     # PPO clip and dual clip
     clip_ratio_low: float = 0.2
@@ -76,6 +83,9 @@ class CPPOLossConfig:
     # CPL divergence: None follows kl_loss_type; or k1 | k2 | k3 | low_var_kl | "full_vocab"
     # (exact KL over the TP-sharded vocabulary, beyond the reference; needs the logits).
     cpl_divergence: Optional[str] = None
+    # Opt-in clamp of the sampled-token CPL divergences to [-c, c] (beyond the reference, which
+    # clamps only inside k3); None: no extra clamp.
+    cpl_divergence_clamp: Optional[float] = None
 
     def __post_init__(self):
         if not 0.0 <= self.clip_ratio_low < 1.0:
@@ -102,6 +112,11 @@ class CPPOLossConfig:
             raise ValueError(f"cpl_tau must be > 0, got {self.cpl_tau!r}")
         if not 0.0 < self.cpl_top_percent <= 1.0:
             raise ValueError(f"cpl_top_percent must be in (0, 1], got {self.cpl_top_percent!r}")
+        if self.cpl_divergence_clamp is not None and not (
+                isinstance(self.cpl_divergence_clamp, (int, float))
+                and self.cpl_divergence_clamp > 0):
+            raise ValueError(f"cpl_divergence_clamp must be None or > 0, "
+                             f"got {self.cpl_divergence_clamp!r}")
         if not self.cpl_entropy_eps >= 0:
             raise ValueError(f"cpl_entropy_eps must be >= 0, got {self.cpl_entropy_eps!r}")
         if self.cpl_divergence is not None and self.cpl_divergence != FULL_VOCAB:
@@ -113,11 +128,14 @@ class CPPOLossConfig:
         # settings that would be silently ignored
         defaults = CPPOLossConfig.__dataclass_fields__
         cpl_fields = ("cpl_tau", "cpl_top_percent", "cpl_entropy_eps", "use_perception_mask",
-                      "advantage_gating", "cpl_divergence")
+                      "advantage_gating", "cpl_divergence", "cpl_divergence_clamp")
         changed = [f for f in cpl_fields if getattr(self, f) != defaults[f].default]
         if self.cpl_coef == 0 and changed:
             warnings.warn(f"CPPOLossConfig: {', '.join(changed)} ignored because cpl_coef = 0",
                           stacklevel=3)
+        if self.cpl_divergence == FULL_VOCAB and self.cpl_divergence_clamp is not None:
+            warnings.warn("CPPOLossConfig: cpl_divergence_clamp ignored because "
+                          "cpl_divergence='full_vocab'", stacklevel=3)
         if not self.use_perception_mask:
             unused = [f for f in ("cpl_top_percent", "cpl_entropy_eps")
                       if getattr(self, f) != defaults[f].default]
@@ -149,9 +167,11 @@ def build_perception_term(config: CPPOLossConfig, *, tp_group: Optional[dist.Pro
         divergence = FullVocabDivergence(group=tp_group, temperature=temperature,
                                          chunk_size=chunk_size, valid_vocab=valid_vocab)
     else:
-        divergence = SampledDivergence(kind=config.cpl_divergence_kind)
+        divergence = SampledDivergence(kind=config.cpl_divergence_kind,
+                                       clamp=config.cpl_divergence_clamp)
     return ContrastivePerceptionLoss(selector=selector, divergence=divergence, tau=config.cpl_tau,
-                                     advantage_gating=config.advantage_gating)
+                                     advantage_gating=config.advantage_gating,
+                                     agg_mode=config.loss_agg_mode)
 
 
 def samples_needing_perturbed_passes(config: CPPOLossConfig, advantages_B: torch.Tensor,
@@ -180,17 +200,29 @@ class CPPOLoss:
         """bool ``[B]``; the trainer runs the I+/I- passes for exactly these rows."""
         return self.perception.samples_needing_passes(advantages_B, response_mask_BT)
 
-    def __call__(self, batch: CPPOMicroBatch, *, loss_scale: float = 1.0
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns ``(loss * loss_scale, metrics)``; metrics are detached, unscaled 0-d tensors."""
+    def __call__(self, batch: CPPOMicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns ``(loss, metrics)`` of this micro-batch, unscaled (see the module docstring);
+        metrics are detached 0-d tensors."""
         cfg = self.config
-        mask_BT = batch.response_mask_BT
+        mask_BT = batch.response_mask_BT.bool()
         advantages_B1 = batch.advantages_B.detach().to(batch.log_probs_BT.dtype).unsqueeze(-1)
         pg_loss, metrics = ppo_clip_policy_loss(
             batch.log_probs_BT, batch.old_log_probs_BT.detach(), advantages_B1, mask_BT,
             clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
             clip_ratio_c=cfg.clip_ratio_c, agg_mode=cfg.loss_agg_mode)
         loss = pg_loss
+
+        # Terms in the reference's order: entropy bonus, reference KL, CPL.
+        if batch.entropy_BT is not None:
+            entropy_BT = torch.where(mask_BT, batch.entropy_BT,
+                                     torch.zeros((), dtype=batch.entropy_BT.dtype,
+                                                 device=batch.entropy_BT.device))
+            if cfg.entropy_coef != 0:
+                entropy = aggregate_loss(entropy_BT, mask_BT, cfg.loss_agg_mode)
+                loss = loss - cfg.entropy_coef * entropy
+            metrics["entropy"] = masked_mean(entropy_BT.detach(), mask_BT)
+        elif cfg.entropy_coef != 0:
+            raise ValueError("entropy_coef != 0 needs batch.entropy_BT (with grad)")
 
         if cfg.kl_loss_coef > 0:
             if batch.ref_log_probs_BT is None:
@@ -200,17 +232,9 @@ class CPPOLoss:
             loss = loss + cfg.kl_loss_coef * kl_loss
             metrics["kl_loss"] = kl_loss.detach()
 
-        if batch.entropy_BT is not None:
-            if cfg.entropy_coef != 0:
-                entropy = aggregate_loss(batch.entropy_BT, mask_BT, cfg.loss_agg_mode)
-                loss = loss - cfg.entropy_coef * entropy
-            metrics["entropy"] = masked_mean(batch.entropy_BT.detach(), mask_BT)
-        elif cfg.entropy_coef != 0:
-            raise ValueError("entropy_coef != 0 needs batch.entropy_BT (with grad)")
-
         cpl_loss, cpl_metrics = self.perception(batch)
         if cfg.cpl_coef > 0:
             loss = loss + cfg.cpl_coef * cpl_loss
         metrics.update(cpl_metrics)
         metrics["loss"] = loss.detach()
-        return loss * loss_scale, metrics
+        return loss, metrics

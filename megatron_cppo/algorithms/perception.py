@@ -28,17 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_cppo.algorithms.batch import CPPOMicroBatch
-from megatron_cppo.ops.vocab_parallel import canonical_kl_kind, full_kl, kl_estimate
+from megatron_cppo.algorithms.kl import canonical_kl_kind, kl_estimate
+from megatron_cppo.algorithms.policy_loss import AGG_MODES, aggregate_loss, masked_mean
+from megatron_cppo.ops.vocab_parallel import full_kl
 
 __all__ = ["AllResponseTokens", "ContrastivePerceptionLoss", "Divergence", "FullVocabDivergence",
            "NoPerceptionTerm", "PerceptionTerm", "SampledDivergence", "TokenSelector",
            "TopRelativeEntropyIncrease", "cpl_per_token", "select_perception_tokens"]
 
-# CPL normalisation: sum CPL_t M_t / (sum M_t + eps), as the reference.
-_MASK_EPS = 1e-8
-# Clamp of the k1 (and k2) CPL divergences: "k1 gives D = clamp(a - b, +-10)" (cppo-method.md);
-# k3 carries its own clamps (kl_estimate).
-_DIVERGENCE_CLAMP = 10.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,24 +45,29 @@ _DIVERGENCE_CLAMP = 10.0
 def select_perception_tokens(entropy_BT: torch.Tensor, minus_entropy_BT: torch.Tensor,
                              response_mask_BT: torch.Tensor, *, top_percent: float = 0.5,
                              eps: float = 1e-6) -> torch.Tensor:
-    """Perception tokens per sequence, exactly as cppo-method.md (no grad).
+    """Perception tokens per sequence (no grad), docs/cppo-objective.md.
 
-    dH = H- - H; s = max(dH, 0) / (H- + eps); c = #{response t: dH > 0}; k = max(1, floor(p c));
-    theta = the k-th largest score of the sequence; m = (s >= theta) & (dH > 0) & response, with ties
-    kept (more than k tokens may be selected) and nothing selected when c = 0. Scores of padding
-    positions are zeroed before the k-th largest is taken, so padding never moves theta.
+    dH = H- - H; s = max(dH, 0) / (H- + eps); c = #{response t: dH > 0}; k = max(1, floor(p c))
+    with p c rounded to fp32 as the reference computes it (p = 0.29, c = 100 gives 29, not the
+    28 of exact arithmetic); theta = the k-th largest score of the sequence;
+    m = (s >= theta) & (dH > 0) & response, with ties kept (more than k tokens may be selected)
+    and nothing selected when c = 0. Padding positions are neither counted in c nor scored, so
+    they never move k or theta (the reference counts the position after EOS: a deliberate
+    difference). Entropies are used in their dtype promoted to at least fp32.
     Returns a bool ``[B, T]`` mask.
     """
     with torch.no_grad():
-        entropy_BT = entropy_BT.detach().float()
-        minus_entropy_BT = minus_entropy_BT.detach().float()
+        dtype = torch.promote_types(entropy_BT.dtype, torch.float32)
+        entropy_BT = entropy_BT.detach().to(dtype)
+        minus_entropy_BT = minus_entropy_BT.detach().to(dtype)
         increase_BT = minus_entropy_BT - entropy_BT
         candidate_BT = (increase_BT > 0) & response_mask_BT.bool()
         score_BT = torch.where(candidate_BT, increase_BT.clamp(min=0) / (minus_entropy_BT + eps),
                                torch.zeros_like(increase_BT))
         count_B = candidate_BT.sum(dim=-1)
-        # floor(p * c) in float64, like Python's int(p * c) in the reference recipe
-        k_B = torch.floor(top_percent * count_B.double()).long().clamp(min=1)
+        # k = floor(p * c) with the product rounded to fp32, as the reference's
+        # (counts.float() * p).clamp(min=1).long(); c <= T keeps k <= T.
+        k_B = (count_B.float() * top_percent).clamp(min=1).long()
         k_B = torch.minimum(k_B, torch.full_like(k_B, max(1, score_BT.shape[-1])))
         sorted_BT = torch.sort(score_BT, dim=-1, descending=True).values
         theta_B1 = sorted_BT.gather(-1, (k_B - 1).unsqueeze(-1))
@@ -118,19 +120,24 @@ class Divergence(Protocol):
 
 @dataclass(kw_only=True)
 class SampledDivergence:
-    """Sampled-token estimator of KL(pi(.|I) || pi(.|I+-)) from a = log pi(y|I), b (I+), c (I-):
-    k3: D = e^(b-a) - (b-a) - 1 with the low_var_kl clamps; k1: clamp(a - b, +-10);
-    k2: clamp(0.5 (a - b)^2, +-10) (the method note names the k1 clamp; k2 uses the same bound)."""
+    """Sampled-token estimator of KL(pi(.|I) || pi(.|I+-)) from a = log pi(y|I), b (I+), c (I-),
+    the reference's ``kl_penalty(a, b)``: k3: D = e^(b-a) - (b-a) - 1 with the low_var_kl clamps;
+    k1: a - b; k2: 0.5 (a - b)^2, both unclamped as in the reference. ``clamp`` (opt-in, beyond
+    the reference) bounds D to [-clamp, clamp] for every estimator.
+    Positions outside the response are set to a = b = c = 0 first (gradient 0, never NaN)."""
 
     kind: str = "k3"
+    clamp: Optional[float] = None
 
     def __post_init__(self):
         self.kind = canonical_kl_kind(self.kind)
+        if self.clamp is not None and not self.clamp > 0:
+            raise ValueError(f"clamp must be None or > 0, got {self.clamp!r}")
 
     def _d(self, a_PT: torch.Tensor, b_PT: torch.Tensor) -> torch.Tensor:
         d_PT = kl_estimate(a_PT, b_PT, self.kind)
-        if self.kind != "k3":
-            d_PT = torch.clamp(d_PT, min=-_DIVERGENCE_CLAMP, max=_DIVERGENCE_CLAMP)
+        if self.clamp is not None:
+            d_PT = torch.clamp(d_PT, min=-self.clamp, max=self.clamp)
         return d_PT
 
     def __call__(self, batch, rows_P, pass_rows_P):
@@ -138,9 +145,16 @@ class SampledDivergence:
         if passes.plus_log_probs_PT is None or passes.minus_log_probs_PT is None:
             raise ValueError("the sampled-token CPL divergence needs perturbed.plus_log_probs_PT "
                              "and perturbed.minus_log_probs_PT")
+        response_PT = batch.response_mask_BT[rows_P].bool()
         a_PT = batch.log_probs_BT[rows_P]
-        return (self._d(a_PT, passes.plus_log_probs_PT[pass_rows_P]),
-                self._d(a_PT, passes.minus_log_probs_PT[pass_rows_P]))
+        zero = torch.zeros((), dtype=a_PT.dtype, device=a_PT.device)
+
+        def valid(x_PT):
+            return torch.where(response_PT, x_PT.to(a_PT.dtype), zero)
+
+        a_PT = valid(a_PT)
+        return (self._d(a_PT, valid(passes.plus_log_probs_PT[pass_rows_P])),
+                self._d(a_PT, valid(passes.minus_log_probs_PT[pass_rows_P])))
 
 
 @dataclass(kw_only=True)
@@ -205,8 +219,10 @@ class NoPerceptionTerm:
 
 @dataclass(kw_only=True)
 class ContrastivePerceptionLoss:
-    """L_CPL = sum_t CPL_t M_t / (sum_t M_t + 1e-8) over the micro-batch, M = selected tokens of
-    samples with advantage > 0 (or of all samples with ``advantage_gating=False``).
+    """L_CPL = agg(CPL_t, M_t) over the micro-batch with the policy loss's aggregation mode, M =
+    selected tokens of samples with advantage > 0 (or of all samples with
+    ``advantage_gating=False``). token-mean: sum_t CPL_t M_t / (sum_t M_t + 1e-8); the seq-mean
+    modes divide by the micro-batch's row count, gated-out rows included (as the reference).
 
     Samples outside ``samples_needing_passes`` have M = 0 and are dropped before any arithmetic, so
     giving their perturbed passes or not yields bitwise the same loss and gradients (theirs are 0).
@@ -216,6 +232,11 @@ class ContrastivePerceptionLoss:
     divergence: Divergence
     tau: float = 0.1
     advantage_gating: bool = True
+    agg_mode: str = "token-mean"
+
+    def __post_init__(self):
+        if self.agg_mode not in AGG_MODES:
+            raise ValueError(f"agg_mode must be one of {AGG_MODES}, got {self.agg_mode!r}")
 
     def samples_needing_passes(self, advantages_B, response_mask_BT):
         needed_B = response_mask_BT.bool().any(dim=-1)
@@ -269,11 +290,10 @@ class ContrastivePerceptionLoss:
 
         d_plus_PT, d_minus_PT = self.divergence(batch, rows_P, pass_rows_P)
         cpl_PT = cpl_per_token(d_plus_PT, d_minus_PT, self.tau)
-        # where, not a product: a non-finite value on an unselected token (padding) stays out.
-        weights_PT = select_PT.to(cpl_PT.dtype)
-        num_selected = weights_PT.sum()
-        loss = torch.where(select_PT, cpl_PT, torch.zeros_like(cpl_PT)).sum() / (
-            num_selected + _MASK_EPS)
+        # Rows outside rows_P have M = 0 everywhere; the seq-mean modes still count them.
+        loss = aggregate_loss(cpl_PT, select_PT, self.agg_mode,
+                              num_rows=batch.response_mask_BT.shape[0])
+        num_selected = select_PT.sum().to(cpl_PT.dtype)
         with torch.no_grad():
             metrics.update(
                 cpl_loss=loss.detach(),
@@ -281,12 +301,7 @@ class ContrastivePerceptionLoss:
                 perception_token_frac=num_selected / response_PT.sum().clamp(min=1),
                 perception_token_frac_all=num_selected
                 / batch.response_mask_BT.bool().sum().clamp(min=1),
-                cpl_d_plus=_masked_mean(d_plus_PT, select_PT),
-                cpl_d_minus=_masked_mean(d_minus_PT, select_PT),
+                cpl_d_plus=masked_mean(d_plus_PT.detach(), select_PT),
+                cpl_d_minus=masked_mean(d_minus_PT.detach(), select_PT),
             )
         return loss, metrics
-
-
-def _masked_mean(x_PT: torch.Tensor, mask_PT: torch.Tensor) -> torch.Tensor:
-    x_PT = x_PT.detach()
-    return torch.where(mask_PT, x_PT, torch.zeros_like(x_PT)).sum() / mask_PT.sum().clamp(min=1)

@@ -1,8 +1,10 @@
 """HF <-> Megatron checkpoint conversion, streaming one parameter at a time.
 
-A megatron_cppo checkpoint directory:
+The checkpoint format itself (metadata, atomic directories, the collective save / load used by
+training) lives in ``megatron_cppo.checkpoint``; docs/checkpoints.md describes it. In short:
 
-    megatron_cppo.json   metadata: HF model config, layout, source HF directory, converter version
+    megatron_cppo.json   metadata: HF model config, layout (incl. pipeline split), source HF
+                         directory and key layout, converter version
     model/               megatron-core distributed checkpoint (torch_dist) of the model's
                          ``sharded_state_dict()``: reshardable, loads at any TP x PP
 
@@ -21,8 +23,19 @@ embedding) plus the HF tensors it is made of; reading holds about three copies o
 (the storage bytes, the deserialised chunk, the assembled buffer). benchmarks/RESULTS.md has the
 measurements.
 
-Training saves and loads the same format from its live layout with ``save_megatron_checkpoint`` /
-``load_megatron_checkpoint`` (megatron-core's own distributed save and load, collective).
+Training saves and loads the same format from its live layout with
+``megatron_cppo.checkpoint.save_megatron_checkpoint`` / ``load_megatron_checkpoint`` (re-exported
+here; megatron-core's own distributed save and load, collective).
+
+Integrity (docs/checkpoints.md): every read starts with ``open_checkpoint`` (metadata validated
+against the model it describes, checksums of every stored chunk verified), and the stored shapes and
+dtypes are compared with the metadata's model before any tensor is read; every write ends with the
+checksums of what was written. HF input: non-float tensors are refused, non-finite values unless
+``allow_non_finite``. ``check_checkpoint`` does the reading checks alone.
+
+Pipeline splits: the stored tensors use global layer indices, so a checkpoint does not depend on
+the split; the split it was written for (given, or chosen when PP does not divide the layers) is
+recorded in the metadata, and reshard moves between splits like between layouts.
 
 Names and transforms all come from ``megatron_cppo.models.qwen2_5_vl.mapping`` (one source of truth).
 """
@@ -43,15 +56,18 @@ import torch
 import torch.distributed as dist
 
 import megatron_cppo
-from megatron_cppo.convert.atomic import atomic_output_dir, check_output_dir
+from megatron_cppo.checkpoint import (FORMAT_VERSION, HF_LAYOUTS, META_NAME,  # noqa: F401
+                                      MODEL_SUBDIR, CheckpointError, CheckpointMeta,
+                                      atomic_output_dir, check_output_dir, integrity,
+                                      load_megatron_checkpoint, read_meta,
+                                      save_megatron_checkpoint)
 from megatron_cppo.convert.safetensors_io import (CheckpointFileError, SafetensorsDir,
                                                   ShardedSafetensorsWriter)
 
-META_NAME = "megatron_cppo.json"
-MODEL_SUBDIR = "model"
-FORMAT_VERSION = 1
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files of an HF model directory that are not weights and travel with an export.
+# written into every HF export: marks the directory as ours (what --overwrite may replace)
+EXPORT_MARKER = "megatron_cppo_export.json"
 _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
               "merges.txt", "special_tokens_map.json", "added_tokens.json",
               "preprocessor_config.json", "video_preprocessor_config.json",
@@ -59,24 +75,8 @@ _AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "voc
               "generation_config.json")
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """Bad input to a conversion; the message names the file and tensor."""
-
-
-@dataclass(kw_only=True)
-class CheckpointMeta:
-    format_version: int
-    converter_version: str
-    hf_config: dict
-    source_hf_dir: Optional[str]
-    tp: int
-    pp: int
-    vision_parallel: str
-    dtype: str
-    padded_vocab_size: int
-
-    def write(self, directory: Path) -> None:
-        (directory / META_NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
 
 @dataclass
@@ -84,6 +84,7 @@ class ConversionReport:
     num_tensors: int
     bytes: int
     seconds: float
+    notes: list = dataclasses.field(default_factory=list)  # e.g. the pipeline split chosen
 
     @property
     def mb_per_s(self) -> float:
@@ -92,24 +93,6 @@ class ConversionReport:
     def __str__(self) -> str:
         return (f"{self.num_tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s "
                 f"({self.mb_per_s:.1f} MB/s)")
-
-
-def read_meta(megatron_dir: str | os.PathLike) -> CheckpointMeta:
-    path = Path(megatron_dir) / META_NAME
-    if not path.is_file():
-        raise ConversionError(f"{megatron_dir}: not a megatron_cppo checkpoint ({META_NAME} is "
-                              f"missing)")
-    if not (Path(megatron_dir) / MODEL_SUBDIR / "metadata.json").is_file():
-        raise ConversionError(f"{Path(megatron_dir) / MODEL_SUBDIR}: the megatron distributed "
-                              f"checkpoint is missing or incomplete (no metadata.json)")
-    try:
-        meta = CheckpointMeta(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"{path}: unreadable checkpoint metadata ({e})") from None
-    if meta.format_version != FORMAT_VERSION:
-        raise ConversionError(f"{path}: format_version {meta.format_version} is not supported "
-                              f"(this converter reads {FORMAT_VERSION})")
-    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,12 +108,20 @@ def read_hf_config(hf_dir: Path):
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     try:
         raw = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found a {type(raw).__name__}")
     if raw.get("model_type") != "qwen2_5_vl":
         raise ConversionError(f"{path}: model_type is {raw.get('model_type')!r}, not "
                               f"'qwen2_5_vl' (only Qwen2.5-VL checkpoints are supported)")
-    return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+        _dims(config)  # every dimension the conversion needs, validated
+    except Exception as e:  # noqa: BLE001 - transformers / hub validation errors of a bad file
+        raise ConversionError(f"{path}: invalid Qwen2.5-VL config ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+    return config
 
 
 def _dims(hf_config):
@@ -170,6 +161,12 @@ class HFSource:
                 raise ConversionError(f"{hf_dir}: tensor {new} appears in both HF key layouts "
                                       f"({self.key[new]} and {name})")
             self.key[new] = name
+        names = self.files.names()
+        has_new = any(n.startswith((mapping.HF_TEXT, mapping.HF_VISION)) for n in names)
+        has_old = any(mapping.normalize_hf_key(n) != n for n in names)
+        # the key layout of the files ("transformers": what save_pretrained writes); None if mixed
+        self.layout = ("language_model" if has_new and not has_old
+                       else "transformers" if has_old and not has_new else None)
         expected = expected_hf_shapes(hf_config)
         missing = sorted(set(expected) - set(self.key))
         extra = sorted(set(self.key) - set(expected))
@@ -185,9 +182,31 @@ class HFSource:
             if info.shape != shape:
                 raise ConversionError(f"{info.file}: tensor {info.name} has shape "
                                       f"{list(info.shape)}, the config needs {list(shape)}")
+            if not info.dtype.is_floating_point:
+                raise ConversionError(f"{info.file}: tensor {info.name} has dtype "
+                                      f"{str(info.dtype).removeprefix('torch.')}; weights must "
+                                      f"be floating point")
+        self.hf_dir = hf_dir
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.files.get(self.key[name])
+    def get(self, name: str, allow_non_finite: bool = False) -> torch.Tensor:
+        try:
+            t = self.files.get(self.key[name])
+        except CheckpointFileError as e:
+            raise ConversionError(str(e)) from None
+        if not allow_non_finite:
+            _check_finite(t, f"{self.files.tensors[self.key[name]].file}: tensor "
+                             f"{self.key[name]}")
+        return t
+
+    def total_bytes(self) -> int:
+        return self.files.total_bytes()
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ConversionError(f"{what} has {bad} non-finite values (NaN / inf); pass "
+                              f"--allow-non-finite to convert it anyway")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,17 +377,57 @@ class _Materializer:
                                 view.storage_offset())
 
 
-def _save_model(mm: _MetaModel, make, directory: Path, progress: bool, desc: str):
+def original_exception(e: BaseException) -> BaseException:
+    """The exception a rank raised, out of torch.distributed.checkpoint's CheckpointException
+    (which wraps every failure inside save / load, ours included)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    while isinstance(e, CheckpointException) and e.failures:
+        failure = next(iter(e.failures.values()))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    return e
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("inline_container", "file write failed", "No space left",
+                            "Disk quota", "PytorchStreamWriter"))
+
+
+def _save_model(mm: _MetaModel, make, directory: Path, progress: bool, desc: str,
+                checksums: bool = True):
+    """Stream the meta model's tensors (``make(name)``) into a torch_dist checkpoint at
+    ``directory``, then the checksums of what was written."""
     from megatron.core import dist_checkpointing
 
     directory.mkdir()
     mat = _Materializer(mm, make, progress, desc)
-    dist_checkpointing.save(mm.sharded, str(directory),
-                            sharded_strategy=_streaming_strategy(mat),
-                            validate_access_integrity=False)
-    mat.bar.close()
+    try:
+        dist_checkpointing.save(mm.sharded, str(directory),
+                                sharded_strategy=_streaming_strategy(mat),
+                                validate_access_integrity=False)
+    except BaseException as e:
+        inner = original_exception(e)
+        if _is_write_failure(inner):  # disk full, quota, I/O error: torch reports RuntimeError
+            raise CheckpointError(f"{directory}: writing the checkpoint failed "
+                                  f"({type(inner).__name__}: {str(inner).splitlines()[0][:200]})"
+                                  ) from None
+        if inner is e:
+            raise
+        raise inner from None
+    finally:
+        mat.bar.close()
     if mat.count != len(mm.pieces):
         raise AssertionError(f"wrote {mat.count} of {len(mm.pieces)} parameters")
+    t0 = time.perf_counter()
+    mat.checksums = {MODEL_SUBDIR: integrity.compute(directory)} if checksums else None
+    mat.checksum_seconds = time.perf_counter() - t0
     return mat
 
 
@@ -380,9 +439,14 @@ class _DistCheckpointReader:
     def __init__(self, model_dir: Path):
         from torch.distributed.checkpoint import FileSystemReader
 
+        self.dir = model_dir
         self.reader = FileSystemReader(str(model_dir))
-        self.metadata = self.reader.read_metadata()
-        self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        try:
+            self.metadata = self.reader.read_metadata()
+            self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        except Exception as e:  # noqa: BLE001 - a damaged .metadata
+            raise CheckpointError(f"{model_dir / '.metadata'}: unreadable distributed-checkpoint "
+                                  f"metadata ({type(e).__name__})") from None
 
     def read_into(self, key: str, offsets: Sequence[int], out: torch.Tensor) -> None:
         """Fill ``out`` with the region of global tensor ``key`` starting at ``offsets``."""
@@ -415,7 +479,35 @@ class _DistCheckpointReader:
 
             def commit_tensor(self, read_item, tensor): ...
 
-        self.reader.read_data(LoadPlan(items), Into()).wait()
+        try:
+            self.reader.read_data(LoadPlan(items), Into()).wait()
+        except Exception as e:  # noqa: BLE001 - a damaged or missing data file
+            files = sorted({str(self.metadata.storage_data[i.storage_index].relative_path)
+                            for i in items if i.storage_index in self.metadata.storage_data})
+            raise CheckpointError(f"{self.dir / (files[0] if files else '')}: cannot read tensor "
+                                  f"{key} ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def check_against(self, mm: "_MetaModel", meta: CheckpointMeta, path: Path) -> None:
+        """Every tensor the model needs is stored with the global shape and the dtype the
+        metadata says (a wrong dtype or vocabulary in megatron_cppo.json is caught here, before
+        any tensor is read)."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        want = _DTYPES[meta.dtype]
+        for pieces in mm.pieces.values():
+            for st in pieces:
+                md = self.metadata.state_dict_metadata.get(st.key)
+                if not isinstance(md, TensorStorageMetadata):
+                    raise CheckpointError(f"{self.dir}: the checkpoint has no tensor {st.key}")
+                if tuple(md.size) != tuple(st.global_shape):
+                    raise CheckpointError(
+                        f"{path}: tensor {st.key} is stored with shape {list(md.size)}, the "
+                        f"metadata's model needs {list(st.global_shape)} (padded_vocab_size / "
+                        f"hf_config do not describe this checkpoint)")
+                if md.properties.dtype != want:
+                    raise CheckpointError(
+                        f"{path}: dtype is {meta.dtype}, but tensor {st.key} is stored as "
+                        f"{str(md.properties.dtype).removeprefix('torch.')}")
 
 
 def _read_param(reader: _DistCheckpointReader, mm: _MetaModel, name: str) -> torch.Tensor:
@@ -433,27 +525,94 @@ def _read_param(reader: _DistCheckpointReader, mm: _MetaModel, name: str) -> tor
 # the three conversions
 
 
-def _resolve_layout(hf_config, tp: int, pp: int, vision_parallel: str):
+def _resolve_layout(hf_config, tp: int, pp: int, vision_parallel: str,
+                    first: Optional[int] = None, last: Optional[int] = None):
     from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig, validate_layout
     from megatron_cppo.parallel import ParallelConfig
 
     mode = {"replicated": "dp_in_tp"}.get(vision_parallel, vision_parallel)
     return validate_layout(_dims(hf_config),
-                           Qwen25VLModelConfig(vision_parallel_mode=mode),
+                           Qwen25VLModelConfig(vision_parallel_mode=mode,
+                                               num_layers_in_first_pipeline_stage=first,
+                                               num_layers_in_last_pipeline_stage=last),
                            ParallelConfig(tensor_model_parallel_size=tp,
                                           pipeline_model_parallel_size=pp))
 
 
+@dataclass
+class _Source:
+    """A megatron_cppo checkpoint opened for reading: metadata validated against the model it
+    describes, checksums verified."""
+
+    dir: Path
+    meta: CheckpointMeta
+    hf_config: object
+    reader: "_DistCheckpointReader"
+    checked: int  # chunks + files whose checksums were verified
+    seconds: float  # spent verifying checksums
+
+
+def open_checkpoint(src_dir, *, checksums: bool = True) -> _Source:
+    """Read a checkpoint's metadata and validate it (fields, layout against the model, padded
+    vocabulary), verify its checksums, open its tensors; CheckpointError naming the file / field /
+    tensor otherwise. Stored shapes and dtypes are checked by ``reader.check_against`` once the
+    meta model exists."""
+    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config, padded_vocab_size
+
+    src_dir = Path(src_dir)
+    meta = read_meta(src_dir)
+    meta_path = src_dir / META_NAME
+    try:
+        hf_config = load_hf_config(meta.hf_config)
+        dims = _dims(hf_config)
+    except Exception as e:  # noqa: BLE001 - transformers validation of a damaged hf_config
+        first_line = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(f"{meta_path}: hf_config is not a valid Qwen2.5-VL config "
+                              f"({type(e).__name__}: {first_line})") from None
+    try:
+        _resolve_layout(hf_config, meta.tp, meta.pp, meta.vision_parallel,
+                        meta.num_layers_in_first_pipeline_stage,
+                        meta.num_layers_in_last_pipeline_stage)
+    except ValueError as e:
+        raise CheckpointError(f"{meta_path}: the recorded layout does not fit the model ({e})") \
+            from None
+    want = padded_vocab_size(dims.text.vocab_size, meta.tp)
+    if meta.padded_vocab_size != want:
+        raise CheckpointError(f"{meta_path}: padded_vocab_size {meta.padded_vocab_size} does not "
+                              f"match vocab_size {dims.text.vocab_size} at tp {meta.tp} (expected "
+                              f"{want})")
+    t0 = time.perf_counter()
+    checked = 0
+    if checksums:
+        checked = integrity.verify(src_dir, [MODEL_SUBDIR], expected=meta.checksums is not None)
+    seconds = time.perf_counter() - t0
+    return _Source(src_dir, meta, hf_config, _DistCheckpointReader(src_dir / MODEL_SUBDIR),
+                   checked, seconds)
+
+
+def _write_meta(tmp: Path, meta: CheckpointMeta, mat) -> None:
+    checksums = getattr(mat, "checksums", None)
+    if checksums is not None:
+        integrity.write(tmp, checksums)
+    dataclasses.replace(meta, checksums=integrity.ALGORITHM if checksums is not None
+                        else None).write(tmp)
+
+
 def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel: str = "auto",
-                   dtype: Optional[str] = None, overwrite: bool = False,
-                   progress: bool = True) -> ConversionReport:
+                   dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+                   num_layers_in_first_pipeline_stage: Optional[int] = None,
+                   num_layers_in_last_pipeline_stage: Optional[int] = None,
+                   allow_non_finite: bool = False, checksums: bool = True) -> ConversionReport:
     """Write a megatron_cppo checkpoint of an HF Qwen2.5-VL directory, loadable at (tp, pp).
-    ``dtype`` (bf16, fp16, fp32) defaults to the HF config's dtype (bf16 if it names none)."""
+    ``dtype`` (bf16, fp16, fp32) defaults to the HF config's dtype (bf16 if it names none). The
+    pipeline split (first / last stage layer counts) is validated and recorded; when PP does not
+    divide the layers and none is given one is chosen (the report's notes say which). Non-float
+    tensors are refused; non-finite values too unless ``allow_non_finite``."""
     from megatron_cppo.models.qwen2_5_vl import mapping
 
     t0 = time.perf_counter()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, marker=META_NAME, inputs=[hf_dir])
     hf_config = read_hf_config(hf_dir)
     if dtype is None:
         stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
@@ -462,91 +621,145 @@ def hf_to_megatron(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, vision_parallel
             if isinstance(stored, str) else stored, "bf16")
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-    layout = _resolve_layout(hf_config, tp, pp, vision_parallel)
+    layout = _resolve_layout(hf_config, tp, pp, vision_parallel,
+                             num_layers_in_first_pipeline_stage,
+                             num_layers_in_last_pipeline_stage)
     source = HFSource(hf_dir, hf_config)
+    check_output_dir(out_dir, overwrite, marker=META_NAME, inputs=[hf_dir],
+                     needed_bytes=_estimate(source.total_bytes(), dtype))
     dims = _dims(hf_config)
     table = mapping.rule_table(dims)
 
     def make(name):
         rule = table[name]
-        hf = [source.get(h) for h in rule.hf]
+        hf = [source.get(h, allow_non_finite) for h in rule.hf]
         if rule.kind == mapping.VOCAB:  # padded for the target TP, whole (TP=1) here
             return mapping.pad_vocab(hf[0], layout.padded_vocab_size)
         return mapping.mcore_from_hf(rule, hf, dims, tp_rank=0, tp_size=1)
 
-    with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
+    with atomic_output_dir(out_dir, overwrite, marker=META_NAME, inputs=[hf_dir]) as tmp, \
+            _single_process_parallel() as state:
         mm = _meta_model(hf_config, state, dtype, layout.padded_vocab_size)
-        mat = _save_model(mm, make, tmp / MODEL_SUBDIR, progress, "hf -> megatron")
-        CheckpointMeta(format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
-                       hf_config=hf_config.to_dict(), source_hf_dir=str(hf_dir.resolve()),
-                       tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode, dtype=dtype,
-                       padded_vocab_size=layout.padded_vocab_size).write(tmp)
-    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0)
+        mat = _save_model(mm, make, tmp / MODEL_SUBDIR, progress, "hf -> megatron",
+                          checksums=checksums)
+        _write_meta(tmp, CheckpointMeta(
+            format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
+            hf_config=hf_config.to_dict(), source_hf_dir=str(hf_dir.resolve()), tp=tp, pp=pp,
+            vision_parallel=layout.vision_parallel_mode, dtype=dtype,
+            padded_vocab_size=layout.padded_vocab_size, source_hf_layout=source.layout,
+            **layout.pipeline_split), mat)
+    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0,
+                            notes=[layout.split_note] if layout.split_note else [])
+
+
+def _estimate(hf_bytes: int, dtype: str) -> int:
+    """Bytes a checkpoint of ``hf_bytes`` of HF tensors needs at ``dtype`` (fp32 sources may be
+    stored in bf16 and vice versa: the larger of the two, plus 5% for the format)."""
+    return int(hf_bytes * (2 if dtype == "fp32" else 1) * 1.05)
 
 
 def reshard(megatron_dir, out_dir, *, tp: int, pp: int, vision_parallel: Optional[str] = None,
-            overwrite: bool = False, progress: bool = True) -> ConversionReport:
-    """Rewrite a checkpoint for another (tp, pp): the layout is validated and the vocabulary
-    padding adjusted; everything else is copied chunk by chunk."""
+            overwrite: bool = False, progress: bool = True,
+            num_layers_in_first_pipeline_stage: Optional[int] = None,
+            num_layers_in_last_pipeline_stage: Optional[int] = None,
+            allow_non_finite: bool = False, checksums: bool = True) -> ConversionReport:
+    """Rewrite a checkpoint for another (tp, pp) and pipeline split: the layout is validated and
+    the vocabulary padding adjusted; everything else is copied chunk by chunk. Without a split,
+    the source's split is kept when ``pp`` is the source's, else one is chosen if PP does not
+    divide the layers. The source's checksums are verified; new ones are written."""
     from megatron_cppo.models.qwen2_5_vl import mapping
-    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
 
     t0 = time.perf_counter()
     src_dir, out_dir = Path(megatron_dir), Path(out_dir)
-    meta = read_meta(src_dir)
-    check_output_dir(out_dir, overwrite)
-    hf_config = load_hf_config(meta.hf_config)
-    layout = _resolve_layout(hf_config, tp, pp, vision_parallel or "auto")
+    check_output_dir(out_dir, overwrite, marker=META_NAME, inputs=[src_dir])
+    src = open_checkpoint(src_dir, checksums=checksums)
+    meta, hf_config = src.meta, src.hf_config
+    check_output_dir(out_dir, overwrite, marker=META_NAME, inputs=[src_dir],
+                     needed_bytes=integrity.total_bytes(src_dir / MODEL_SUBDIR))
+    first, last = num_layers_in_first_pipeline_stage, num_layers_in_last_pipeline_stage
+    if first is None and last is None and pp == meta.pp:
+        first, last = meta.num_layers_in_first_pipeline_stage, \
+            meta.num_layers_in_last_pipeline_stage
+    layout = _resolve_layout(hf_config, tp, pp, vision_parallel or "auto", first, last)
     vocab = _dims(hf_config).text.vocab_size
-    reader = _DistCheckpointReader(src_dir / MODEL_SUBDIR)
 
-    with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
-        src = _meta_model(hf_config, state, meta.dtype, meta.padded_vocab_size)
+    with atomic_output_dir(out_dir, overwrite, marker=META_NAME, inputs=[src_dir]) as tmp, \
+            _single_process_parallel() as state:
+        smm = _meta_model(hf_config, state, meta.dtype, meta.padded_vocab_size)
+        src.reader.check_against(smm, meta, src_dir / META_NAME)
         dst = _meta_model(hf_config, state, meta.dtype, layout.padded_vocab_size)
 
         def make(name):
-            t = _read_param(reader, src, name)
+            t = _read_param(src.reader, smm, name)
+            if not allow_non_finite:
+                _check_finite(t, f"{src_dir / MODEL_SUBDIR}: tensor {name}")
             if name.endswith(("word_embeddings.weight", "output_layer.weight")):
                 t = mapping.pad_vocab(mapping.unpad_vocab(t, vocab), layout.padded_vocab_size)
             return t
 
-        mat = _save_model(dst, make, tmp / MODEL_SUBDIR, progress, "reshard")
-        dataclasses.replace(meta, tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode,
-                            padded_vocab_size=layout.padded_vocab_size,
-                            converter_version=megatron_cppo.__version__).write(tmp)
-    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0)
+        mat = _save_model(dst, make, tmp / MODEL_SUBDIR, progress, "reshard",
+                          checksums=checksums)
+        _write_meta(tmp, dataclasses.replace(
+            meta, tp=tp, pp=pp, vision_parallel=layout.vision_parallel_mode,
+            padded_vocab_size=layout.padded_vocab_size,
+            converter_version=megatron_cppo.__version__, extra_state=[],
+            **layout.pipeline_split), mat)
+    return ConversionReport(mat.count, mat.bytes, time.perf_counter() - t0,
+                            notes=[layout.split_note] if layout.split_note else [])
+
+
+def hf_export_name(name: str, layout: str) -> str:
+    """A >= 4.52 HF name in the key layout of an export (meta.HF_LAYOUTS)."""
+    from megatron_cppo.models.qwen2_5_vl import mapping
+
+    if layout == "transformers":
+        return mapping.to_old_layout(name)
+    if layout == "language_model":
+        return name
+    raise ValueError(f"HF key layout must be one of {list(HF_LAYOUTS)}, got {layout!r}")
 
 
 def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: bool = True,
-                   max_shard_bytes: int = 5 * 1024**3) -> ConversionReport:
-    """Export a checkpoint as an HF directory (>= 4.52 key layout, sharded safetensors + index,
-    config, generation config, tokenizer/processor files from the recorded source directory)."""
+                   max_shard_bytes: int = 5 * 1024**3, hf_layout: Optional[str] = None,
+                   allow_non_finite: bool = False, checksums: bool = True) -> ConversionReport:
+    """Export a checkpoint as an HF directory (sharded safetensors + index, config, generation
+    config, tokenizer/processor files from the recorded source directory, and
+    ``megatron_cppo_export.json`` naming the source). ``hf_layout``: key layout of the tensor names
+    (meta.HF_LAYOUTS); default the source's recorded layout, else "transformers" (what
+    save_pretrained and the released checkpoints write). The source's checksums are verified."""
     from tqdm import tqdm
     from transformers import GenerationConfig
 
     from megatron_cppo.models.qwen2_5_vl import mapping
-    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
 
     t0 = time.perf_counter()
     src_dir, out_dir = Path(megatron_dir), Path(out_dir)
-    meta = read_meta(src_dir)
-    check_output_dir(out_dir, overwrite)
-    hf_config = load_hf_config(meta.hf_config)
+    check_output_dir(out_dir, overwrite, marker=EXPORT_MARKER, inputs=[src_dir])
+    src = open_checkpoint(src_dir, checksums=checksums)
+    meta, hf_config = src.meta, src.hf_config
+    layout = hf_layout or meta.source_hf_layout or "transformers"
+    if layout not in HF_LAYOUTS:
+        raise ConversionError(f"--hf-layout must be one of {list(HF_LAYOUTS)}, got {layout!r}")
+    check_output_dir(out_dir, overwrite, marker=EXPORT_MARKER, inputs=[src_dir],
+                     needed_bytes=integrity.total_bytes(src_dir / MODEL_SUBDIR))
     dims = _dims(hf_config)
     dtype = _DTYPES[meta.dtype]
     shapes = expected_hf_shapes(hf_config)
     rules = list(mapping.iter_rules(dims))
-    reader = _DistCheckpointReader(src_dir / MODEL_SUBDIR)
-    specs = [(h, shapes[h], dtype) for r in rules for h in r.hf]
+    specs = [(hf_export_name(h, layout), shapes[h], dtype) for r in rules for h in r.hf]
     written = 0
 
-    with atomic_output_dir(out_dir, overwrite) as tmp, _single_process_parallel() as state:
+    with atomic_output_dir(out_dir, overwrite, marker=EXPORT_MARKER, inputs=[src_dir]) as tmp, \
+            _single_process_parallel() as state:
         mm = _meta_model(hf_config, state, meta.dtype, meta.padded_vocab_size)
+        src.reader.check_against(mm, meta, src_dir / META_NAME)
         writer = ShardedSafetensorsWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         for rule in tqdm(rules, desc="megatron -> hf", unit="tensor", disable=not progress):
-            param = _read_param(reader, mm, rule.mcore)
+            param = _read_param(src.reader, mm, rule.mcore)
+            if not allow_non_finite:
+                _check_finite(param, f"{src_dir / MODEL_SUBDIR}: tensor {rule.mcore}")
             for h, t in zip(rule.hf, mapping.hf_from_mcore(rule, [param], dims)):
-                writer.write(h, t.to(dtype).contiguous())
+                writer.write(hf_export_name(h, layout), t.to(dtype).contiguous())
                 written += 1
         writer.close()
         hf_config.dtype = dtype  # transformers 5 (older versions read torch_dtype)
@@ -556,7 +769,42 @@ def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: 
         _copy_aux_files(meta.source_hf_dir, tmp)
         if not (tmp / "generation_config.json").exists():
             GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps(
+            {"exported_from": str(src_dir.resolve()), "hf_layout": layout,
+             "converter_version": megatron_cppo.__version__}, indent=2) + "\n")
     return ConversionReport(written, writer.bytes_written, time.perf_counter() - t0)
+
+
+@dataclass
+class CheckReport:
+    directory: Path
+    meta: CheckpointMeta
+    checked: int  # chunks + files verified against checksums (0: the checkpoint has none)
+    tensors: int  # tensors read back (without checksums: every one is deserialised)
+    seconds: float
+
+
+def check_checkpoint(megatron_dir, *, read_tensors: Optional[bool] = None) -> CheckReport:
+    """Verify a checkpoint without building a model: metadata against the model it describes,
+    stored shapes and dtypes, and the checksums of every stored chunk (all of ``model/`` and of
+    extra state). A checkpoint without checksums has every tensor read back instead (which finds
+    damaged files, not changed values). CheckpointError naming the first problem."""
+    t0 = time.perf_counter()
+    src = open_checkpoint(megatron_dir, checksums=True)
+    meta = src.meta
+    checked = src.checked
+    if meta.extra_state:
+        checked += integrity.verify(src.dir, list(meta.extra_state),
+                                    expected=meta.checksums is not None, warn=False)
+    tensors = 0
+    with _single_process_parallel() as state:
+        mm = _meta_model(src.hf_config, state, meta.dtype, meta.padded_vocab_size)
+        src.reader.check_against(mm, meta, src.dir / META_NAME)
+        if read_tensors or (read_tensors is None and meta.checksums is None):
+            for name in mm.pieces:
+                _read_param(src.reader, mm, name)
+                tensors += 1
+    return CheckReport(src.dir, meta, checked, tensors, time.perf_counter() - t0)
 
 
 def _copy_aux_files(source: Optional[str], dest: Path) -> None:
@@ -567,80 +815,3 @@ def _copy_aux_files(source: Optional[str], dest: Path) -> None:
     for name in _AUX_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, dest / name)
-
-
-# ----------------------------------------------------------------------------------------------
-# saving from / loading into a training or evaluation model at any layout
-
-
-def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, *, hf_config,
-                             source_hf_dir: Optional[str] = None,
-                             overwrite: bool = False) -> None:
-    """Save this rank's chunks (collective over all ranks) as a megatron_cppo checkpoint, the way
-    training does: megatron-core's distributed save from the live layout, plus the metadata.
-    Failure-atomic: ranks write into a temporary sibling that rank 0 renames when all are done."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_cppo.models.qwen2_5_vl.builder import unwrap
-    from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
-
-    out_dir = Path(out_dir).absolute()
-    model = unwrap(chunks[0])
-    dtype = {v: k for k, v in _DTYPES.items()}[next(chunks[0].parameters()).dtype]
-    tmp = [None]
-    if state.rank == 0:
-        check_output_dir(out_dir, overwrite)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        import tempfile
-
-        tmp = [tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent)]
-        (Path(tmp[0]) / MODEL_SUBDIR).mkdir()
-    dist.broadcast_object_list(tmp, src=0)
-    tmp_dir = Path(tmp[0])
-    error = None
-    try:
-        sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-        dist_checkpointing.save(sharded, str(tmp_dir / MODEL_SUBDIR))
-    except Exception as e:  # every rank must still reach the agreement below
-        error = e
-    ok = torch.tensor([0 if error else 1])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if int(ok) == 0:
-        if state.rank == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise error if error is not None else RuntimeError(
-            "another rank failed to save the checkpoint; nothing was written")
-    if state.rank == 0:
-        CheckpointMeta(format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
-                       hf_config=load_hf_config(hf_config).to_dict(),
-                       source_hf_dir=source_hf_dir, tp=state.tp_size, pp=state.pp_size,
-                       vision_parallel=model.layout.vision_parallel_mode, dtype=dtype,
-                       padded_vocab_size=model.layout.padded_vocab_size).write(tmp_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    dist.barrier()
-
-
-
-def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], megatron_dir,
-                             state) -> CheckpointMeta:
-    """Load a megatron_cppo checkpoint into this rank's built chunks (any TP x PP x VPP) with
-    megatron-core's distributed checkpoint loader. Collective over all ranks."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_cppo.models.qwen2_5_vl.builder import unwrap
-
-    meta = read_meta(megatron_dir)
-    padded = unwrap(chunks[0]).layout.padded_vocab_size
-    if padded != meta.padded_vocab_size:
-        raise ConversionError(
-            f"{megatron_dir}: stored with {meta.padded_vocab_size} vocabulary rows (padded for "
-            f"tensor-model-parallel-size {meta.tp}); this layout needs {padded}: run "
-            f"`megatron-cppo-convert reshard --megatron-dir {megatron_dir} --out NEW_DIR --tp "
-            f"{state.tp_size} --pp {state.pp_size}` first")
-    sharded = {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
-    loaded = dist_checkpointing.load(sharded, str(Path(megatron_dir) / MODEL_SUBDIR))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
-    return meta

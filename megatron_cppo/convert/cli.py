@@ -11,19 +11,25 @@ The conversions live in ``megatron_cppo.convert.checkpoint`` (streaming, one par
 names and transforms from ``models/qwen2_5_vl/mapping.py``), the logits check in
 ``megatron_cppo.convert.verify``. This module only parses flags, calls them and reports.
 
-Exit codes: 0 success; 1 ``verify`` found the logits further apart than the tolerance; 2 bad input
-(a one-line ``error: ...`` on stderr naming the file / tensor / setting, no traceback; no output
-directory is left behind). Anything else is a bug and keeps its traceback.
+Exit codes: 0 success; 1 ``verify`` found the logits further apart than the tolerance; 2 bad or
+damaged input (a one-line ``error: ...`` on stderr naming the file / tensor / setting, no traceback
+unless ``--debug`` or MEGATRON_CPPO_DEBUG=1; no output and no temporary directory left behind);
+128 + N interrupted by signal N (SIGTERM, SIGINT; partial output removed); 3 a bug (traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 import textwrap
+import threading
+import traceback
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 
 _EPILOG = """\
 journeys:
@@ -32,7 +38,10 @@ journeys:
   export for serving      megatron-to-hf --megatron-dir CKPT2 --out HF_OUT
   check a conversion      verify --hf-dir HF --megatron-dir CKPT
 
-exit codes: 0 ok, 1 verify above tolerance, 2 bad input (one-line error, no output left behind)
+  verify a checkpoint's bytes check --megatron-dir CKPT
+
+exit codes: 0 ok, 1 verify above tolerance, 2 bad input (one-line error, no output left behind),
+128+N interrupted by signal N, 3 bug
 """
 
 
@@ -73,7 +82,7 @@ def _size(text: str) -> int:
     unit = s[len(number):]
     try:
         value = int(float(number) * _UNITS[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 2GiB, got "
                                          f"{text!r}") from None
     if value < 1:
@@ -81,12 +90,29 @@ def _size(text: str) -> int:
     return value
 
 
+def _add_non_finite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-non-finite", action="store_true",
+                   help="convert weights holding NaN or inf (refused by default: they are almost "
+                        "always a damaged or diverged checkpoint)")
+
+
 def _add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it exists (the old directory is removed only after the "
-                        "new one is complete); without it an existing --out is an error")
+                   help="replace --out if it is a previous output of this command (the old "
+                        "directory is swapped out only when the new one is complete); never the "
+                        "input, a directory containing it, or a directory of other files")
     p.add_argument("--no-progress", action="store_true",
                    help="do not draw the per-tensor progress bar (logs, CI)")
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder-first-pipeline-num-layers", type=_positive_int, default=None,
+                   metavar="N",
+                   help="language-model layers on the first pipeline stage (uneven split; that "
+                        "stage also runs the vision tower); the stages without a fixed count "
+                        "share the rest evenly")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=_positive_int, default=None,
+                   metavar="N", help="language-model layers on the last pipeline stage")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-model-parallel size the checkpoint is laid out for (default 1; "
                         "must divide the attention heads, query groups and MLP width)")
     s.add_argument("--pp", type=_positive_int, default=1, metavar="M",
-                   help="pipeline-model-parallel size (default 1; must divide the language "
-                        "model's layers)")
+                   help="pipeline-model-parallel size (default 1). Where it does not divide the "
+                        "language model's layers and no split is given, an uneven split is "
+                        "chosen (fewest layers on the first stage) and printed")
     s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
                    help="vision tower layout: 'tp' shards it with the language model's TP, "
                         "'replicated' keeps whole ViT weights on every TP rank (images split "
@@ -129,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="dtype of the stored weights (default: the HF config's torch_dtype, "
                         "bf16 if it names none)")
+    _add_split_flags(s)
+    _add_non_finite_flag(s)
     _add_output_flags(s)
 
     # ---- megatron-to-hf
@@ -137,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="megatron_cppo checkpoint -> Hugging Face directory",
         description=_fill(
             "Export a megatron_cppo checkpoint (any layout) as a Hugging Face directory: "
-            "safetensors shards with model.safetensors.index.json (model.language_model.* / "
-            "model.visual.* / lm_head.weight names; no lm_head for tied embeddings; vocabulary "
-            "padding removed), config.json, generation_config.json, and the tokenizer / "
-            "processor / chat-template files of the source HF directory recorded in the "
-            "checkpoint metadata."))
+            "safetensors shards with model.safetensors.index.json (tensor names in the key "
+            "layout of the source HF directory recorded in the checkpoint, see --hf-layout; no "
+            "lm_head for tied embeddings; vocabulary padding removed), config.json, "
+            "generation_config.json, and the tokenizer / processor / chat-template files of the "
+            "source HF directory."))
     s.add_argument("--megatron-dir", required=True, metavar="DIR",
                    help="megatron_cppo checkpoint directory (megatron_cppo.json + model/)")
     s.add_argument("--out", required=True, metavar="DIR",
@@ -149,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-shard-size", type=_size, default=_size("5GB"), metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB (default, as save_pretrained), "
                         "500MB, 2GiB; more than one shard comes with model.safetensors.index.json")
+    s.add_argument("--hf-layout", choices=("source", "transformers", "language_model"),
+                   default="source",
+                   help="tensor names: 'transformers' = model.embed_tokens, model.layers.*, "
+                        "visual.*, lm_head (what save_pretrained and the released checkpoints "
+                        "write); 'language_model' = model.language_model.*, model.visual.*, "
+                        "lm_head; 'source' (default) = the layout of the HF directory the "
+                        "checkpoint was converted from, 'transformers' if none is recorded")
+    _add_non_finite_flag(s)
     _add_output_flags(s)
 
     # ---- reshard
@@ -171,7 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
                    help="target vision tower layout (default: chosen for the target TP as in "
                         "hf-to-megatron)")
+    _add_split_flags(s)
+    _add_non_finite_flag(s)
     _add_output_flags(s)
+
+    # ---- check
+    s = sub.add_parser(
+        "check", formatter_class=raw,
+        help="verify a checkpoint's metadata and stored bytes without building a model",
+        description=_fill(
+            "Check a megatron_cppo checkpoint: its metadata against the model it describes "
+            "(layout, vocabulary padding, stored shapes and dtypes) and the checksum of every "
+            "stored chunk and file (model/ and extra state such as the optimizer). Names the "
+            "first damaged tensor. A checkpoint written before checksums existed has every "
+            "tensor read back instead, with a warning. Exit code 0 when intact, 2 otherwise."))
+    s.add_argument("--megatron-dir", required=True, metavar="DIR",
+                   help="megatron_cppo checkpoint directory (megatron_cppo.json + model/)")
 
     # ---- verify
     s = sub.add_parser(
@@ -208,12 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kl-tolerance", type=_positive_float, default=None, metavar="KL",
                    help="largest allowed mean per-token KL(HF || megatron) in nats (default: by "
                         "checkpoint dtype, see below)")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true",
+                             help="on an error, print its traceback as well (also "
+                                  "MEGATRON_CPPO_DEBUG=1)")
     return p
 
 
 def _report(what: str, report, out: str) -> None:
+    for note in getattr(report, "notes", ()):
+        print(f"note: {note}", flush=True)
     print(f"{what}: {report.num_tensors} tensors, {report.bytes / 1e6:.1f} MB in "
           f"{report.seconds:.1f} s ({report.mb_per_s:.1f} MB/s) -> {out}", flush=True)
+
+
+def _split(args: argparse.Namespace) -> dict:
+    return dict(num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+                num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -228,18 +291,29 @@ def _run(args: argparse.Namespace) -> int:
         report = checkpoint.hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp,
             vision_parallel=args.vision_parallel or "auto", dtype=args.dtype,
-            overwrite=args.overwrite, progress=progress)
+            overwrite=args.overwrite, progress=progress, **_split(args),
+            allow_non_finite=args.allow_non_finite)
         _report("hf-to-megatron", report, args.out)
     elif args.command == "megatron-to-hf":
         report = checkpoint.megatron_to_hf(args.megatron_dir, args.out,
                                            overwrite=args.overwrite, progress=progress,
-                                           max_shard_bytes=args.max_shard_size)
+                                           max_shard_bytes=args.max_shard_size,
+                                           hf_layout=None if args.hf_layout == "source"
+                                           else args.hf_layout,
+                                           allow_non_finite=args.allow_non_finite)
         _report("megatron-to-hf", report, args.out)
     elif args.command == "reshard":
         report = checkpoint.reshard(args.megatron_dir, args.out, tp=args.tp, pp=args.pp,
                                     vision_parallel=args.vision_parallel,
-                                    overwrite=args.overwrite, progress=progress)
+                                    overwrite=args.overwrite, progress=progress,
+                                    **_split(args), allow_non_finite=args.allow_non_finite)
         _report("reshard", report, args.out)
+    elif args.command == "check":
+        r = checkpoint.check_checkpoint(args.megatron_dir)
+        what = (f"{r.checked} stored chunks and files match their checksums" if r.checked
+                else f"no checksums; {r.tensors} tensors read back")
+        print(f"check: {r.directory}: ok (tp={r.meta.tp} pp={r.meta.pp} dtype={r.meta.dtype}; "
+              f"{what}) in {r.seconds:.1f} s", flush=True)
     elif args.command == "verify":
         from megatron_cppo.convert.verify import verify
 
@@ -257,14 +331,63 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class Interrupted(BaseException):
+    """SIGTERM / SIGINT: unwinds like KeyboardInterrupt so that partial outputs are removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """SIGTERM (timeout, Slurm, Kubernetes) and SIGINT raise ``Interrupted`` in the main thread
+    for the duration of a command; previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _user_error(e: BaseException) -> bool:
+    return isinstance(e, (ValueError, OSError, EOFError))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MEGATRON_CPPO_DEBUG", "") not in ("", "0")
     try:
-        return _run(args)
-    except (ValueError, OSError) as e:
-        # bad input (ConversionError, layout errors, an existing --out, unreadable paths): one
-        # line naming the file / tensor / setting; a traceback would only bury it
-        message = str(e).strip().replace("\n", " | ") or type(e).__name__
+        with _signals_unwind():
+            return _run(args)
+    except BaseException as e:  # noqa: BLE001 - every way out becomes one line (module docstring)
+        from megatron_cppo.convert.checkpoint import original_exception
+
+        inner = original_exception(e) if not isinstance(e, (Interrupted, SystemExit)) else e
+        if isinstance(inner, SystemExit):
+            raise
+        if isinstance(inner, (Interrupted, KeyboardInterrupt)):
+            signum = getattr(inner, "signum", signal.SIGINT)
+            print(f"error: interrupted by {signal.Signals(signum).name}; partial output "
+                  f"removed", file=sys.stderr, flush=True)
+            return 128 + int(signum)
+        if debug or not _user_error(inner):
+            traceback.print_exception(type(inner), inner, inner.__traceback__, file=sys.stderr)
+            if not _user_error(inner):
+                return EXIT_BUG
+        # bad input (damaged files, an existing --out, unreadable paths): one line naming the
+        # file / tensor / setting; a traceback would only bury it (--debug shows it)
+        message = str(inner).strip().replace("\n", " | ") or type(inner).__name__
+        if isinstance(inner, OSError) and inner.filename and str(inner.filename) not in message:
+            message = f"{inner.filename}: {message}"
         print(f"error: {message}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 

@@ -62,9 +62,31 @@ def read_header(path: Path) -> tuple[dict, int]:
                                       f"length {n} exceeds the file size {size})")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointFileError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFileError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + n
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str)
+              and isinstance(v.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in v["shape"])
+              and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+              and all(isinstance(o, int) and o >= 0 for o in v["data_offsets"])
+              and v["data_offsets"][0] <= v["data_offsets"][1])
+        if not ok:
+            raise CheckpointFileError(f"{path}: tensor {name} has a malformed header entry")
+        if v["dtype"] in _DTYPES:
+            numel = 1
+            for d in v["shape"]:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=_DTYPES[v["dtype"]]).element_size()
+            if v["data_offsets"][1] - v["data_offsets"][0] != nbytes:
+                raise CheckpointFileError(f"{path}: tensor {name}: data_offsets span "
+                                          f"{v['data_offsets'][1] - v['data_offsets'][0]} bytes, "
+                                          f"its shape and dtype need {nbytes}")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
               default=0)
     if data_start + end > size:
@@ -84,7 +106,14 @@ class SafetensorsDir:
             raise CheckpointFileError(f"{self.dir}: no *.safetensors files")
         index = self.dir / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map is not a mapping of tensor name -> file")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise CheckpointFileError(f"{index}: unreadable index ({type(e).__name__}: "
+                                          f"{e})") from None
             missing = sorted({f for f in weight_map.values() if not (self.dir / f).exists()})
             if missing:
                 raise CheckpointFileError(f"{index}: lists files that do not exist: {missing}")
@@ -116,10 +145,14 @@ class SafetensorsDir:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointFileError(f"{self.dir}: tensor {name} not found")
-        handle = self._open.get(info.file)
-        if handle is None:
-            handle = self._open[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        try:
+            handle = self._open.get(info.file)
+            if handle is None:
+                handle = self._open[info.file] = safe_open(str(info.file), framework="pt")
+            return handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - a file changed or damaged since validation
+            raise CheckpointFileError(f"{info.file}: cannot read tensor {name} "
+                                      f"({type(e).__name__}: {str(e)[:200]})") from None
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
@@ -182,7 +215,11 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"writer expected {spec.name} {list(spec.shape)} {spec.dtype}, got "
                              f"{name} {list(tensor.shape)} {tensor.dtype}")
         data = tensor_bytes(tensor)
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as e:  # disk full, quota, I/O error: name the file
+            raise CheckpointFileError(f"{self._fh.name}: writing tensor {name} failed ({e})") \
+                from None
         self.bytes_written += len(data)
 
     def close(self) -> None:

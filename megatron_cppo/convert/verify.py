@@ -10,6 +10,9 @@ What runs:
     one. The built-in batch uses the HF directory's processor (tokenizer + chat template) when it
     has one, else ``Qwen2VLImageProcessor`` configured from the vision config and token ids from
     the model config (random text ids below the special tokens);
+  * both sides in full fp32 (``full_fp32_precision``: no TF32 in matmuls nor cuDNN convolutions,
+    whose default on CUDA allows it; the patch embedding is a Conv3d, so TF32 there alone showed
+    as a 4e-4 logit difference on a correct fp32 checkpoint);
   * transformers' ``Qwen2_5_VLForConditionalGeneration`` in fp32, in this process, with
     ``mm_token_type_ids`` (without them transformers 5.x silently uses 1-D positions);
   * the megatron model on tp x pp ranks of the checkpoint's layout, launched here (spawned
@@ -36,6 +39,7 @@ grid_N3 [images, (t, h, w)], logits_BSV [batch, seq, vocab].
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +70,55 @@ def quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def precision_flags() -> dict:
+    """The fp32 math settings of torch that can trade accuracy for speed (TF32)."""
+    import torch.backends.cuda
+    import torch.backends.cudnn
+
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul,
+                                                         "fp32_precision"):
+        return {"cuda.matmul.fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+                "cudnn.conv.fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+                "cudnn.rnn.fp32_precision": torch.backends.cudnn.rnn.fp32_precision}
+    return {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+# what full_fp32_precision sets, in either API (torch >= 2.9: fp32_precision, before: allow_tf32)
+FULL_FP32 = {"cuda.matmul.fp32_precision": "ieee", "cudnn.conv.fp32_precision": "ieee",
+             "cudnn.rnn.fp32_precision": "ieee", "cuda.matmul.allow_tf32": False,
+             "cudnn.allow_tf32": False, "float32_matmul_precision": "highest"}
+
+
+def _set_precision_flags(flags: dict) -> None:
+    import torch.backends.cuda
+    import torch.backends.cudnn
+
+    for key, value in flags.items():
+        if key == "float32_matmul_precision":
+            torch.set_float32_matmul_precision(value)
+            continue
+        obj = torch.backends
+        *path, attr = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, attr, value)
+
+
+@contextlib.contextmanager
+def full_fp32_precision():
+    """fp32 math without TF32 (matmuls and cuDNN convolutions / RNNs), restored on exit. Only the
+    API the installed torch uses is touched (mixing the legacy allow_tf32 flags and the new
+    fp32_precision ones makes torch raise)."""
+    saved = precision_flags()
+    _set_precision_flags({k: FULL_FP32[k] for k in saved})
+    try:
+        yield
+    finally:
+        _set_precision_flags(saved)
+
+
 class VerifyError(ValueError):
     """Bad verify input (the message names the file / key) or a user error on a megatron rank."""
 
@@ -85,6 +138,9 @@ class VerifyResult:
     probe: str  # where the batch came from
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # torch precision flags in force during each side's forward (precision_flags())
+    hf_precision: dict = field(default_factory=dict)
+    megatron_precision: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -110,6 +166,11 @@ class VerifyResult:
             f"  mean KL per token   {self.mean_kl:.3e}  (tolerance {self.kl_tolerance:.3e}; "
             f"worst token {self.max_kl:.3e})",
         ]
+        if self.hf_precision or self.megatron_precision:
+            def fmt(flags):
+                return ", ".join(f"{k}={v}" for k, v in flags.items()) or "?"
+            lines.append(f"  fp32 math           HF: {fmt(self.hf_precision)}; megatron: "
+                         f"{fmt(self.megatron_precision)}")
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  {'PASSED' if self.passed else 'FAILED'} in {self.seconds:.1f} s")
         return "\n".join(lines)
@@ -298,35 +359,18 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
     """Forward-only through megatron's schedule; [B, S, V] fp32 on the last stage (every TP
     rank), None elsewhere."""
     import torch.distributed as dist
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_cppo.models.qwen2_5_vl import stage_inputs, unwrap
+    from megatron_cppo.training.forward_step import run_pipeline
 
     dev = state.device
     mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     stash = []
 
-    def forward_step(data_iterator, chunk):
-        data = next(data_iterator)
-        inputs = stage_inputs(dict(input_ids=data["input_ids"],
-                                   pixel_values=data["pixel_values"],
-                                   image_grid_thw=data["image_grid_thw"]),
-                              pre_process=unwrap(chunk).pre_process)
-        out = chunk(inputs.get("input_ids"), data["position_ids"],
-                    pixel_values=inputs.get("pixel_values"),
-                    image_grid_thw=inputs.get("image_grid_thw"))
+    def keep_logits(_mb, logits_BSV):
+        stash.append(logits_BSV.detach())
+        return logits_BSV.new_zeros(()), {}
 
-        def loss_func(logits_BSV):
-            stash.append(logits_BSV.detach())
-            return logits_BSV.new_zeros(()), {}
-
-        return out, loss_func
-
-    B, S = mb["input_ids"].shape
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([mb]), model=chunks,
-            num_microbatches=1, seq_length=S, micro_batch_size=B, forward_only=True)
+    run_pipeline(chunks, [mb], keep_logits, forward_only=True)
     if not state.is_last_stage:
         return None
     (local_BSV,) = stash
@@ -337,11 +381,34 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
     return torch.cat(parts, dim=-1)[..., :vocab_size].cpu()
 
 
-def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int):
+def _die_with_parent(parent_pid: int, scratch: str) -> None:
+    """Linux: this rank gets SIGTERM when the verify process dies (even by SIGKILL), removes the
+    launch's scratch directory and exits; no orphaned ranks, no temp debris."""
+    import ctypes
+    import os
+    import shutil
+    import signal
+
+    def on_term(signum, frame):
+        shutil.rmtree(scratch, ignore_errors=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        on_term(signal.SIGTERM, None)
+
+
+def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int, parent_pid: int,
+               scratch: str):
     """One megatron rank: build the checkpoint's layout, load it, return the full logits (from the
     last stage's TP rank 0; None elsewhere). Teardown only after success (see parallel/launch.py)."""
+    _die_with_parent(parent_pid, scratch)
     quiet_library_warnings()
-    from megatron_cppo.convert.checkpoint import load_megatron_checkpoint, read_meta
+    from megatron_cppo.checkpoint import load_megatron_checkpoint, read_meta
     from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
@@ -351,45 +418,67 @@ def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int):
         distributed_timeout_minutes=collective_timeout_min))
     mode = {"replicated": "dp_in_tp"}.get(meta.vision_parallel, meta.vision_parallel)
     chunks = build_qwen2_5_vl(meta.hf_config, state, Qwen25VLModelConfig(
-        vision_parallel_mode=mode, dtype="fp32"))
+        vision_parallel_mode=mode, dtype="fp32", **meta.pipeline_split))
     load_megatron_checkpoint(chunks, megatron_dir, state)
     for c in chunks:
         c.eval()
     vocab = int(meta.hf_config["text_config"]["vocab_size"]) \
         if "text_config" in meta.hf_config else int(meta.hf_config["vocab_size"])
-    logits_BSV = _megatron_logits(state, chunks, batch, vocab)
-    keep = logits_BSV if logits_BSV is not None and state.tp_rank == 0 else None
+    with full_fp32_precision():
+        flags = precision_flags()
+        logits_BSV = _megatron_logits(state, chunks, batch, vocab)
+    keep = (logits_BSV, flags) if logits_BSV is not None and state.tp_rank == 0 else None
     destroy_parallel()
     return keep
 
 
 def run_megatron(megatron_dir: str, batch: dict, world_size: int, *, timeout: float = 3600.0,
-                 collective_timeout_min: int = 10) -> torch.Tensor:
-    """Launch ``world_size`` ranks that load the checkpoint and return the logits [B, S, V]."""
+                 collective_timeout_min: int = 10) -> tuple[torch.Tensor, dict]:
+    """Launch ``world_size`` ranks that load the checkpoint; returns the logits [B, S, V] and the
+    precision flags in force during their forward."""
     from megatron_cppo.parallel.launch import RanksFailed, run_local_ranks
 
     if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
         raise VerifyError(f"the checkpoint's layout needs {world_size} ranks (one GPU each), "
                           f"{torch.cuda.device_count()} GPUs are visible")
+    import os
+    import shutil
+    import tempfile
+
+    # the launcher's rank directory goes into a scratch directory the ranks remove if this
+    # process dies (_die_with_parent); removed here otherwise
+    scratch = tempfile.mkdtemp(prefix="mcppo_verify_")
+    saved_tempdir = tempfile.tempdir
+    tempfile.tempdir = scratch
     try:
         results = run_local_ranks(_rank_main, world_size, timeout=timeout,
                                   what="verify: megatron ranks failed",
-                                  args=(str(megatron_dir), batch, collective_timeout_min))
+                                  args=(str(megatron_dir), batch, collective_timeout_min,
+                                        os.getpid(), scratch))
     except RanksFailed as e:
         reported = [err for err in e.errors if err.traceback]
         if reported and all(err.user_error for err in reported):
             raise VerifyError(f"megatron rank {reported[0].rank}: {reported[0].message}") \
                 from None
         raise RuntimeError(str(e)) from None
-    (logits_BSV,) = [r for r in results if r is not None]
-    return logits_BSV
+    finally:
+        tempfile.tempdir = saved_tempdir
+        shutil.rmtree(scratch, ignore_errors=True)
+    ((logits_BSV, flags),) = [r for r in results if r is not None]
+    return logits_BSV, flags
 
 
 # ----------------------------------------------------------------------------------------------
 # the HF side and the comparison
 
 
-def _hf_logits(hf_dir: Path, batch: dict, device: torch.device) -> torch.Tensor:
+def _hf_logits(hf_dir: Path, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """transformers' logits [B, S, V] in full fp32, and the precision flags in force."""
+    with full_fp32_precision():
+        return _hf_logits_fp32(hf_dir, batch, device), precision_flags()
+
+
+def _hf_logits_fp32(hf_dir: Path, batch: dict, device: torch.device) -> torch.Tensor:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from transformers.utils import logging as hf_logging
@@ -474,17 +563,30 @@ def verify(hf_dir, megatron_dir, *, inputs: Optional[str] = None,
 
     Raises ValueError subclasses for bad input (not a checkpoint, not a Qwen2.5-VL directory,
     another model, unreadable --inputs); returns the result whether or not it passed."""
-    from megatron_cppo.convert.checkpoint import read_hf_config, read_meta
+    from megatron_cppo.convert.checkpoint import HFSource, open_checkpoint, read_hf_config
     from megatron_cppo.models.qwen2_5_vl import (MRopeIndexConfig, Qwen25VLDims,
                                                  mrope_position_ids_batch)
 
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir)
-    meta = read_meta(megatron_dir)
+    if dump_logits is not None and Path(dump_logits).is_dir():
+        raise VerifyError(f"--dump-logits {dump_logits} is a directory; give a file name")
+    # metadata against the model, checksums of every stored chunk: a damaged checkpoint is named
+    # here, not as a traceback on a rank
+    meta = open_checkpoint(megatron_dir).meta
     hf_config = read_hf_config(hf_dir)  # ConversionError unless a Qwen2.5-VL config.json
     _check_same_model(hf_config, meta, hf_dir, megatron_dir)
+    HFSource(hf_dir, hf_config)  # every HF tensor present, well-formed, of the right shape
 
     batch, probe, notes = build_probe_batch(hf_dir, hf_config, inputs)
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or ids.numel() == 0 or not bool(batch["attention_mask"].bool().any()):
+        raise VerifyError(f"{inputs or 'probe batch'}: input_ids must be a non-empty [batch, seq] "
+                          f"tensor with at least one valid (attention_mask 1) token, got shape "
+                          f"{list(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise VerifyError(f"{inputs or 'probe batch'}: input_ids must be integers, got "
+                          f"{ids.dtype}")
     vocab = hf_config.text_config.vocab_size
     if int(batch["input_ids"].max()) >= vocab or int(batch["input_ids"].min()) < 0:
         raise VerifyError(f"{inputs or 'probe batch'}: input_ids outside the vocabulary "
@@ -512,8 +614,9 @@ def verify(hf_dir, megatron_dir, *, inputs: Optional[str] = None,
                               f"{patch_dim}]")
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    hf_BSV = _hf_logits(hf_dir, batch, device)
-    meg_BSV = run_megatron(str(megatron_dir), batch, meta.tp * meta.pp, timeout=timeout)
+    hf_BSV, hf_flags = _hf_logits(hf_dir, batch, device)
+    meg_BSV, meg_flags = run_megatron(str(megatron_dir), batch, meta.tp * meta.pp,
+                                      timeout=timeout)
     max_abs, mean_kl, max_kl, scale, tokens = compare_logits(hf_BSV, meg_BSV, valid_BS)
 
     if tolerance is None:
@@ -532,4 +635,4 @@ def verify(hf_dir, megatron_dir, *, inputs: Optional[str] = None,
                         logit_scale=scale, tolerance=float(tolerance),
                         kl_tolerance=float(kl_tolerance), tp=meta.tp, pp=meta.pp,
                         dtype=meta.dtype, probe=probe, seconds=time.perf_counter() - t0,
-                        notes=notes)
+                        notes=notes, hf_precision=hf_flags, megatron_precision=meg_flags)

@@ -2,12 +2,12 @@
 
 from megatron_cppo.ops.vocab_parallel import (
     DEFAULT_CHUNK_ELEMENTS,
-    canonical_kl_kind,
+    IMPLS,
     default_chunk_size,
     full_kl,
-    kl_estimate,
     log_probs_and_entropy,
+    triton_available,
 )
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "canonical_kl_kind", "default_chunk_size", "full_kl",
-           "kl_estimate", "log_probs_and_entropy"]
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "IMPLS", "default_chunk_size", "full_kl",
+           "log_probs_and_entropy", "triton_available"]

@@ -4,7 +4,7 @@ The output layer of a TP-sharded model gives each rank ``V/tp`` columns of the l
 compute per-token scalars over the FULL vocabulary (log-prob of the sampled token, entropy, KL
 between two passes) while the vocabulary stays sharded: only per-token scalars cross ranks.
 
-Memory contract (loss-head.md): the input logits are never modified and never copied as a whole;
+Memory contract: the input logits are never modified and never copied as a whole;
 fp32 exists only for one chunk of tokens at a time (two or three ``[chunk, V/tp]`` fp32 scratch
 buffers), and the only tensors saved for backward are the input itself (a reference) and a few fp32
 numbers per token. Backward recomputes the softmax chunk by chunk and needs no collective: a rank's
@@ -15,6 +15,11 @@ Collectives per chunk, all on the TP group passed in (never looked up): log-prob
 ``m`` then one SUM of stacked ``[S, A, z_y]``; full KL one MAX of stacked ``[m_p, m_q]`` then one
 SUM of stacked ``[S_p, S_q, B]``. Every rank of the group must call with the same number of tokens
 and equal shard widths (Megatron pads the vocabulary so that shards are equal).
+
+Two implementations behind one API (``impl``): the torch code below, and Triton kernels
+(megatron_cppo/ops/triton_loss_head.py) that read each logits row once in forward and once in
+backward, with the same collectives. ``impl="auto"`` takes Triton on CUDA when it imports, torch
+otherwise (CPU always torch).
 
 Shape suffixes: N tokens (all leading dims flattened), C tokens of one chunk, V this rank's vocab
 shard (``V/tp`` columns), U the valid columns of this shard (those below ``valid_vocab``),
@@ -28,8 +33,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["log_probs_and_entropy", "full_kl", "kl_estimate", "canonical_kl_kind",
-           "default_chunk_size", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = ["log_probs_and_entropy", "full_kl", "default_chunk_size", "triton_available",
+           "DEFAULT_CHUNK_ELEMENTS", "IMPLS"]
 
 # Default token chunk: at most this many fp32 elements per [C, V] scratch buffer, per device type.
 # CPU: ~5 MiB buffers stay in cache; the sweep in benchmarks/RESULTS.md (2-core EPYC, 32 MiB L3)
@@ -85,6 +90,26 @@ def _row_max(z_CU: torch.Tensor) -> torch.Tensor:
     if z_CU.shape[-1] == 0:  # a shard holding only padding rows
         return torch.full(z_CU.shape[:-1], float("-inf"), dtype=z_CU.dtype, device=z_CU.device)
     return z_CU.amax(dim=-1)
+
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels import (triton installed and working)."""
+    try:
+        import megatron_cppo.ops.triton_loss_head  # noqa: F401
+    except Exception:  # ImportError, or a triton that fails while compiling its decorators
+        return False
+    return True
+
+
+def _resolve_impl(impl: str, logits: torch.Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if logits.is_cuda and triton_available() else "torch"
+    return impl
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> None:
@@ -203,8 +228,8 @@ class _LogProbEntropy(torch.autograd.Function):
 def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
                           group: Optional[dist.ProcessGroup] = None, temperature: float = 1.0,
                           chunk_size: Optional[int] = None, vocab_start: Optional[int] = None,
-                          valid_vocab: Optional[int] = None, with_entropy: bool = True
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          valid_vocab: Optional[int] = None, with_entropy: bool = True,
+                          impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``labels`` and entropy of softmax(logits / temperature) over the full vocabulary.
 
     Args:
@@ -221,6 +246,8 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
             softmax (Megatron padding, unused checkpoint rows). None: every column is real.
         with_entropy: False makes the entropy non-differentiable (no gradient term, nothing extra
             saved); use it when entropy is only a metric or a selection signal.
+        impl: "auto" (Triton on CUDA when available, else torch), "torch" or "triton" (on CPU
+            only under TRITON_INTERPRET=1). Every rank of ``group`` must use the same one.
 
     Returns:
         ``(log_probs, entropy)``, fp32, shape ``[...]``, identical on every rank of ``group``.
@@ -238,7 +265,10 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
         vocab_start = rank * width
     num_valid = _valid_columns(width, vocab_start, valid_vocab)
     chunk = chunk_size or default_chunk_size(width, logits.device)
-    log_probs_N, entropy_N = _LogProbEntropy.apply(
+    fn = _LogProbEntropy
+    if _resolve_impl(impl, logits) == "triton":
+        from megatron_cppo.ops.triton_loss_head import TritonLogProbEntropy as fn
+    log_probs_N, entropy_N = fn.apply(
         logits.reshape(-1, width), labels.reshape(-1).long(), group if size > 1 else None,
         float(temperature), chunk, int(vocab_start), num_valid, bool(with_entropy))
     return log_probs_N.view(labels.shape), entropy_N.view(labels.shape)
@@ -324,14 +354,16 @@ class _FullKL(torch.autograd.Function):
 
 def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, *,
             group: Optional[dist.ProcessGroup] = None, temperature: float = 1.0,
-            chunk_size: Optional[int] = None, valid_vocab: Optional[int] = None) -> torch.Tensor:
+            chunk_size: Optional[int] = None, valid_vocab: Optional[int] = None,
+            impl: str = "auto") -> torch.Tensor:
     """Per-token KL(p || q) over the full vocabulary, p = softmax(logits_p / T), q likewise.
 
     ``logits_p`` and ``logits_q`` are this rank's vocab shards ``[..., V/tp]`` of the same token
     positions (e.g. the clean pass and a perturbed pass); shard ``rank(group)`` holds global ids
     ``[rank * V/tp, (rank+1) * V/tp)``, and ids >= ``valid_vocab`` are excluded. Returns fp32 ``[...]``,
     identical on every rank of ``group``, differentiable w.r.t. both inputs. Inputs are never
-    modified; fp32 only per chunk; backward needs no collective.
+    modified; fp32 only per chunk; backward needs no collective. ``impl`` as in
+    ``log_probs_and_entropy``.
     """
     if logits_p.shape != logits_q.shape:
         raise ValueError(f"logits_p {tuple(logits_p.shape)} and logits_q {tuple(logits_q.shape)} "
@@ -341,38 +373,9 @@ def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, *,
     width = logits_p.shape[-1]
     num_valid = _valid_columns(width, rank * width, valid_vocab)
     chunk = chunk_size or default_chunk_size(width, logits_p.device)
-    kl_N = _FullKL.apply(logits_p.reshape(-1, width), logits_q.reshape(-1, width),
+    fn = _FullKL
+    if _resolve_impl(impl, logits_p) == "triton":
+        from megatron_cppo.ops.triton_loss_head import TritonFullKL as fn
+    kl_N = fn.apply(logits_p.reshape(-1, width), logits_q.reshape(-1, width),
                          group if size > 1 else None, float(temperature), chunk, num_valid)
     return kl_N.view(logits_p.shape[:-1])
-
-
-# ----------------------------------------------------------------------------------------------
-# sampled-token KL estimators
-
-
-_KL_KINDS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
-
-
-def canonical_kl_kind(kind: str) -> str:
-    """'k1' | 'k2' | 'k3' for the accepted spellings (verl's 'kl', 'mse', 'low_var_kl' included)."""
-    try:
-        return _KL_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {sorted(_KL_KINDS)}") \
-            from None
-
-
-def kl_estimate(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
-    """Sampled-token estimator of KL(p || q) from the log-probs of tokens sampled from p.
-
-    k1 = log_p - log_q; k2 = 0.5 (log_p - log_q)^2; k3 ("low_var_kl", verl ``kl_penalty``):
-    d = clamp(log_q - log_p, -20, 20), k3 = clamp(e^d - d - 1, -10, 10). k1 and k2 are unclamped,
-    as in the reference; the CPL divergences add their own clamp (algorithms/perception.py).
-    """
-    kind = canonical_kl_kind(kind)
-    if kind == "k1":
-        return log_p - log_q
-    if kind == "k2":
-        return 0.5 * (log_p - log_q).square()
-    d = torch.clamp(log_q - log_p, min=-20.0, max=20.0)
-    return torch.clamp(torch.exp(d) - d - 1.0, min=-10.0, max=10.0)

@@ -18,7 +18,7 @@ import tiny_qwen  # noqa: E402
 
 def write_hf_dir(path: Path, *, tied: bool, layout: str = "old",
                  dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-    """A tiny random HF checkpoint. ``layout`` "old": what transformers 5.23's save_pretrained
+    """A tiny random HF checkpoint. ``layout`` "old": what transformers 5.x's save_pretrained
     writes (``model.*``, ``visual.*``); "new": the >= 4.52 names (``model.language_model.*``,
     ``model.visual.*``), rewritten here from the saved file."""
     from safetensors.torch import load_file, save_file
@@ -37,6 +37,16 @@ def write_hf_dir(path: Path, *, tied: bool, layout: str = "old",
     assert any(k.startswith("model.language_model.") for k in names) == (layout == "new")
     assert ("lm_head.weight" in names) != tied
     return Path(path)
+
+
+def raw_hf_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory under the names in its files."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
 
 
 def hf_tensors(path) -> dict[str, torch.Tensor]:
@@ -94,3 +104,47 @@ def corrupt_chunk(megatron_dir, key: str, chunk_offset: tuple[int, ...], scale: 
     with open(path, "r+b") as f:
         f.seek(info.offset)
         f.write(new)
+
+
+def no_debris(out: Path) -> bool:
+    """Nothing next to ``out`` but ``out`` itself: no partial, moved-aside or lock sibling."""
+    return not list(out.parent.glob(f".{out.name}.*"))
+
+
+def flip_low_mantissa_bit(megatron_dir, key: str, subdir: str = "model") -> str:
+    """Flip the lowest mantissa bit of the first element of one stored chunk of ``key`` (a float
+    tensor), in place, leaving every other byte as it was. Returns the chunk's name as the
+    checksum table has it ("<key> at offset [...]")."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    model_dir = Path(megatron_dir) / subdir
+    md = FileSystemReader(str(model_dir)).read_metadata()
+    index, info = next((i, s) for i, s in sorted(md.storage_data.items(),
+                                                 key=lambda kv: list(kv[0].offset or []))
+                       if i.fqn == key)
+    path = model_dir / info.relative_path
+    with open(path, "rb") as f:
+        f.seek(info.offset)
+        blob = f.read(info.length)
+    chunk = torch.load(io.BytesIO(blob), weights_only=True)
+    raw = chunk.contiguous().view(torch.uint8).numpy().tobytes()
+    at = blob.find(raw[:64])
+    assert at >= 0 and blob.find(raw[:64], at + 1) < 0, "tensor bytes not found once in the blob"
+    with open(path, "r+b") as f:  # little-endian: byte 0 holds the lowest mantissa bits
+        f.seek(info.offset + at)
+        b = f.read(1)[0]
+        f.seek(info.offset + at)
+        f.write(bytes([b ^ 1]))
+    after = torch.load(io.BytesIO(open(path, "rb").read()[info.offset:info.offset + info.length]),
+                       weights_only=True)
+    changed = (after.view(torch.uint8) != chunk.view(torch.uint8)).sum()
+    assert int(changed) == 1, int(changed)
+    return f"{key} at offset {list(index.offset)}"
+
+
+def refresh_checksums(megatron_dir) -> None:
+    """Recompute checksums.json after a deliberate edit: the checkpoint then looks as if it had
+    been written with those values (a conversion bug rather than damage on disk)."""
+    from megatron_cppo.checkpoint import integrity
+
+    integrity.write(Path(megatron_dir), {"model": integrity.compute(Path(megatron_dir) / "model")})

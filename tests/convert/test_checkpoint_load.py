@@ -29,7 +29,7 @@ def _hf_tensors(path):
 
 def _load_and_export(state, cases):
     """One launch, many loads: ``cases`` is a list of (checkpoint dir, vision mode)."""
-    from megatron_cppo.convert.checkpoint import load_megatron_checkpoint, read_meta
+    from megatron_cppo.checkpoint import load_megatron_checkpoint, read_meta
     from megatron_cppo.models.qwen2_5_vl.builder import build_qwen2_5_vl, export_hf_state_dict
     from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig
 
@@ -83,10 +83,23 @@ def test_megatron_loader_reads_converted_checkpoint(converted, layout):
         assert not bad, f"{layout} tied={tied} {mode}: differ after loading: {bad[:5]}"
 
 
+def _extra_state(state, step: int) -> dict:
+    """A stand-in for a trainer's extra sharded state (optimizer-like): one tensor sharded over
+    TP x PP with rank-dependent values, and one replicated over DP."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    rank_in_mp = state.pp_rank * state.tp_size + state.tp_rank
+    mine = torch.arange(6, dtype=torch.float32) + 100 * rank_in_mp + step
+    return {"moments": ShardedTensor.from_rank_offsets(
+        "optimizer.moments", mine, (0, rank_in_mp, state.tp_size * state.pp_size),
+        replica_id=0)}
+
+
 def _save_from_layout(state, src, dst, vision_mode):
-    """What training does: load, then save from the live (tp, pp) layout with megatron's save."""
-    from megatron_cppo.convert.checkpoint import (load_megatron_checkpoint, read_meta,
-                                                  save_megatron_checkpoint)
+    """What training does: load, then save from the live (tp, pp) layout with megatron's save,
+    with extra sharded state and JSON; then save again over it (overwrite) and read both back."""
+    from megatron_cppo.checkpoint import (load_extra_state, load_megatron_checkpoint, read_meta,
+                                          save_megatron_checkpoint)
     from megatron_cppo.models.qwen2_5_vl.builder import build_qwen2_5_vl
     from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig
 
@@ -94,8 +107,15 @@ def _save_from_layout(state, src, dst, vision_mode):
     chunks = build_qwen2_5_vl(meta.hf_config, state,
                               Qwen25VLModelConfig(vision_parallel_mode=vision_mode))
     load_megatron_checkpoint(chunks, src, state)
-    save_megatron_checkpoint(chunks, dst, state, hf_config=meta.hf_config,
-                             source_hf_dir=meta.source_hf_dir)
+    for step in (1, 2):  # the second save replaces the first (overwrite)
+        save_megatron_checkpoint(chunks, dst, state, hf_config=meta.hf_config,
+                                 source_hf_dir=meta.source_hf_dir, overwrite=step == 2,
+                                 extra_sharded={"optimizer": _extra_state(state, step)},
+                                 extra_metadata={"step": step, "data": {"epoch": 0}})
+    meta2 = load_megatron_checkpoint(chunks, dst, state)
+    loaded = load_extra_state(dst, "optimizer", _extra_state(state, 0))
+    want = _extra_state(state, 2)["moments"].data
+    return (meta2.extra, meta2.extra_state, bool(torch.equal(loaded["moments"], want)))
 
 
 @pytest.mark.parametrize("vision_mode", ["tp", "dp_in_tp"])
@@ -108,10 +128,14 @@ def test_checkpoint_saved_by_training_layout_exports_and_reshards(converted, tmp
 
     hf, root = converted[True]
     saved = tmp_path / "saved"
-    run_on_ranks(_save_from_layout, 4, tp=2, pp=2,
-                 args=(str(root / "mc_True_22"), str(saved), vision_mode))
+    results = run_on_ranks(_save_from_layout, 4, tp=2, pp=2,
+                           args=(str(root / "mc_True_22"), str(saved), vision_mode))
+    for extra, extra_state, same in results:  # every rank read the second save's state back
+        assert extra == {"step": 2, "data": {"epoch": 0}} and extra_state == ["optimizer"]
+        assert same
     meta = read_meta(saved)
     assert (meta.tp, meta.pp, meta.padded_vocab_size) == (2, 2, 1532)
+    assert (saved / "optimizer" / ".metadata").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
     reshard(saved, tmp_path / "rs", tp=1, pp=2, progress=False)
     want = _hf_tensors(hf)

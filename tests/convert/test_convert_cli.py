@@ -1,7 +1,8 @@
-"""The converter's command-line surface: the four subcommands with exactly the issue's flags (plus
---overwrite, --no-progress, --max-shard-size and verify's tolerances), every flag documented, the
+"""The converter's command-line surface: the five subcommands with exactly the issues' flags (plus
+--overwrite, --no-progress, --max-shard-size, --debug and verify's tolerances), every flag
+documented, the
 installed console script and tools/convert/convert.py both answer --help. Freezing the surface here
-makes a new or renamed flag a deliberate change (style.md, example 4)."""
+makes a new or renamed flag a deliberate change (docs/checkpoints.md lists the commands)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ from megatron_cppo.convert import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
+SPLIT = {"--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"}
+WRITE = {"--overwrite", "--no-progress", "--allow-non-finite", "--debug"}
 SURFACE = {
-    "hf-to-megatron": {"--hf-dir", "--out", "--tp", "--pp", "--vision-parallel", "--dtype",
-                       "--overwrite", "--no-progress"},
-    "megatron-to-hf": {"--megatron-dir", "--out", "--max-shard-size", "--overwrite",
-                       "--no-progress"},
-    "reshard": {"--megatron-dir", "--out", "--tp", "--pp", "--vision-parallel", "--overwrite",
-                "--no-progress"},
+    "hf-to-megatron": {"--hf-dir", "--out", "--tp", "--pp", "--vision-parallel", "--dtype"}
+    | SPLIT | WRITE,
+    "megatron-to-hf": {"--megatron-dir", "--out", "--max-shard-size", "--hf-layout"} | WRITE,
+    "reshard": {"--megatron-dir", "--out", "--tp", "--pp", "--vision-parallel"} | SPLIT | WRITE,
+    "check": {"--megatron-dir", "--debug"},
     "verify": {"--hf-dir", "--megatron-dir", "--inputs", "--dump-logits", "--tolerance",
-               "--kl-tolerance"},
+               "--kl-tolerance", "--debug"},
 }
 
 
@@ -59,7 +61,12 @@ def test_choices_and_defaults_follow_the_issue():
     assert (a.inputs, a.dump_logits, a.tolerance, a.kl_tolerance) == (None, None, None, None)
     a = p.parse_args(["megatron-to-hf", "--megatron-dir", "m", "--out", "o",
                       "--max-shard-size", "2GiB"])
-    assert a.max_shard_size == 2 * 2**30
+    assert a.max_shard_size == 2 * 2**30 and a.hf_layout == "source"
+    a = p.parse_args(["reshard", "--megatron-dir", "m", "--out", "o", "--tp", "1", "--pp", "3",
+                      "--decoder-first-pipeline-num-layers", "1",
+                      "--decoder-last-pipeline-num-layers", "2"])
+    assert cli._split(a) == dict(num_layers_in_first_pipeline_stage=1,
+                                 num_layers_in_last_pipeline_stage=2)
 
 
 def test_console_script_and_tools_entry_answer_help():

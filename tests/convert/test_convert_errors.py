@@ -91,12 +91,14 @@ def test_truncated_safetensors(good, tmp_path, capsys):
     _run_error(capsys, _h2m(bad, tmp_path / "out"), tmp_path / "out", str(path), "truncated")
 
 
-@pytest.mark.parametrize("tp,pp,needle", [
-    (3, 1, "tensor-model-parallel-size 3"),  # 4 heads, 2 query groups, MLP 128
-    (1, 3, "pipeline-model-parallel-size 3"),  # 4 layers
+@pytest.mark.parametrize("tp,pp,extra,needle", [
+    (3, 1, (), "tensor-model-parallel-size 3"),  # 4 heads, 2 query groups, MLP 128
+    (1, 5, (), "pipeline-model-parallel-size 5"),  # 4 layers
+    (1, 3, ("--decoder-first-pipeline-num-layers", "1"), "leave 3 of 4"),
+    (1, 1, ("--decoder-last-pipeline-num-layers", "2"), "pipeline_model_parallel_size > 1"),
 ])
-def test_layout_the_model_cannot_be_split_into(good, tmp_path, capsys, tp, pp, needle):
-    _run_error(capsys, _h2m(good, tmp_path / "out", "--tp", str(tp), "--pp", str(pp)),
+def test_layout_the_model_cannot_be_split_into(good, tmp_path, capsys, tp, pp, extra, needle):
+    _run_error(capsys, _h2m(good, tmp_path / "out", "--tp", str(tp), "--pp", str(pp), *extra),
                tmp_path / "out", needle)
 
 
@@ -110,9 +112,17 @@ def test_existing_output_directory_then_overwrite(good, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"  # untouched
     assert not list(tmp_path.glob(".out.*"))
 
+    # --overwrite replaces only a previous output: a directory of other files is refused
+    assert cli.main(_h2m(good, out, "--overwrite")) == 2
+    assert "not a previous output" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty directory may be replaced
     assert cli.main(_h2m(good, out, "--overwrite")) == 0
-    assert not (out / "keep.txt").exists() and (out / "megatron_cppo.json").is_file()
-    assert not list(tmp_path.glob(".out.*"))  # neither the partial nor the moved-aside old dir
+    assert (out / "megatron_cppo.json").is_file()
+    first = (out / "megatron_cppo.json").stat().st_ino
+    assert cli.main(_h2m(good, out, "--overwrite")) == 0  # a previous output is replaced
+    assert (out / "megatron_cppo.json").stat().st_ino != first
+    assert not list(tmp_path.glob(".out.*"))  # neither the partial nor the swapped-out old dir
 
     # reshard: a layout the model cannot take, then an existing output
     target = tmp_path / "resharded"
@@ -144,6 +154,8 @@ def test_bad_flag_values_are_usage_errors(capsys):
                  ["hf-to-megatron", "--hf-dir", "a", "--out", "b", "--dtype", "int8"],
                  ["reshard", "--megatron-dir", "a", "--out", "b", "--tp", "2"],  # --pp missing
                  ["megatron-to-hf", "--megatron-dir", "a", "--out", "b", "--max-shard-size", "x"],
+                 ["megatron-to-hf", "--megatron-dir", "a", "--out", "b", "--max-shard-size",
+                  "inf"],
                  ["verify", "--hf-dir", "a", "--megatron-dir", "b", "--tolerance", "-1"]):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)

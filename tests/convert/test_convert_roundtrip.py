@@ -3,8 +3,9 @@ transformers model.
 
 Proven here, on tiny random checkpoints (tiny_qwen: GQA 4/2 heads, 4 LM layers = 2 per stage at
 PP=2, 3 ViT blocks incl. a full-attention one):
-  * HF -> megatron (TP2 PP2) -> HF gives every tensor back bitwise, same names (>= 4.52 layout) and
-    dtypes, for tied (vocab 1531: padded to 1532 for TP2, stripped on export; no lm_head written)
+  * HF -> megatron (TP2 PP2) -> HF gives every tensor back bitwise, under the same names as the
+    input (its key layout is recorded and reused by the export) and dtypes, for tied
+    (vocab 1531: padded to 1532 for TP2, stripped on export; no lm_head written)
     and untied embeddings, from either HF key layout on input, fp32 and bf16;
   * HF -> megatron (TP2 PP1, via the installed console script) -> reshard (TP1 PP2) -> HF is
     bitwise as well, with the vocabulary padding removed by the reshard;
@@ -73,13 +74,13 @@ def test_hf_megatron_tp2pp2_hf_is_bitwise_identical(root, hf_dirs, name, capsys)
     printed = capsys.readouterr().out
     assert "hf-to-megatron:" in printed and "megatron-to-hf:" in printed and "MB/s" in printed
 
-    got, want = cf.hf_tensors(out), cf.hf_tensors(hf)
-    cf.assert_bitwise_equal(got, want, name)
+    got, want = cf.raw_hf_tensors(out), cf.raw_hf_tensors(hf)
+    cf.assert_bitwise_equal(got, want, name)  # including the names: the source's key layout
+    assert meta.source_hf_layout == {"old": "transformers", "new": "language_model"}[
+        VARIANTS[IDS.index(name)][1]]
     assert ("lm_head.weight" in got) != tied
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(got) and len(set(index["weight_map"].values())) > 1
-    assert all(k.startswith(("model.language_model.", "model.visual.", "lm_head."))
-               for k in index["weight_map"])  # the export layout
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen2_5_vl" and (out / "generation_config.json").is_file()
     if name == IDS[0]:  # copied from the source directory recorded in the checkpoint
@@ -106,7 +107,15 @@ def test_reshard_tp2pp1_to_tp1pp2_then_hf_is_bitwise_identical(root, hf_dirs):
     assert (meta.tp, meta.pp, meta.padded_vocab_size) == (1, 2, 1531)
     assert cli.main(["megatron-to-hf", "--megatron-dir", str(b), "--out", str(out),
                      "--no-progress"]) == 0
-    cf.assert_bitwise_equal(cf.hf_tensors(out), cf.hf_tensors(hf), "reshard")
+    cf.assert_bitwise_equal(cf.raw_hf_tensors(out), cf.raw_hf_tensors(hf), "reshard")
+    # the other key layout on request: what transformers' save_pretrained writes
+    other = root / "rs_back_transformers"
+    assert cli.main(["megatron-to-hf", "--megatron-dir", str(b), "--out", str(other),
+                     "--hf-layout", "transformers", "--no-progress"]) == 0
+    got = cf.raw_hf_tensors(other)
+    assert "model.embed_tokens.weight" in got and "visual.patch_embed.proj.weight" in got
+    assert not [k for k in got if k.startswith(("model.language_model.", "model.visual."))]
+    cf.assert_bitwise_equal(cf.hf_tensors(other), cf.hf_tensors(hf), "reshard, other layout")
 
 
 @pytest.mark.parametrize("name", ["tied-old-float32", "untied-new-bfloat16"])

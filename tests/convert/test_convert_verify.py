@@ -9,7 +9,9 @@ Three launches of the megatron ranks (the cost of this file: ~20 s each on 2 cor
   * TP1 PP2 (2 ranks), bf16 untied checkpoint of a bf16 HF directory, built-in probe (text + a
     PIL image wider than one ViT window, and a text-only sample): passes with the bf16 defaults;
   * TP2 PP1 (2 ranks), fp32, one stored chunk (layer 1's fused QKV) overwritten with noise in the
-    torch_dist files: exit code 1 and a message naming the exceeded tolerance.
+    torch_dist files: refused by the checksums (exit 2, naming the chunk); with the checksums
+    recomputed (a conversion bug, not damage): exit code 1 and a message naming the exceeded
+    tolerance.
 Cheap checks without a launch: inputs whose image tokens do not match their grids, and an HF
 directory of another model, are bad input (exit 2). Not proven here: GPU/nccl, real model sizes,
 a processor (tokenizer + chat template) in the HF directory (none can be built offline).
@@ -78,6 +80,8 @@ def test_verify_tp2pp2_inputs_file_and_dump_logits(ckpts, capsys):
     assert "PASSED" in captured.out and "tp=2 pp=2" in captured.out
     diff, kl = _numbers(captured.out)
     assert diff <= 1e-4 and kl <= 1e-6  # the fp32 defaults, measured 2.6e-6 / 1e-13
+    # both sides ran in full fp32 (no TF32): the flags as seen inside each forward
+    assert "fp32 math" in captured.out and captured.out.count("=ieee") == 6
 
     logits_BSV = torch.load(dump, weights_only=True)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -107,6 +111,13 @@ def test_verify_fails_on_one_corrupted_tensor(ckpts, capsys, tmp_path):
     shutil.copytree(ckpts["tied21"], bad)
     cf.corrupt_chunk(bad, "language_model.decoder.layers.self_attention.linear_qkv.weight",
                      (1, 0, 0))
+    # as damage on disk, the checksums refuse it before any rank starts
+    assert cli.main(["verify", "--hf-dir", str(ckpts["hf_tied"]), "--megatron-dir",
+                     str(bad)]) == 2
+    assert "checksum mismatch in tensor language_model.decoder.layers.self_attention." \
+           "linear_qkv.weight at offset [1, 0, 0]" in capsys.readouterr().err
+    # as a conversion bug (checksums of the wrong values), the logits catch it
+    cf.refresh_checksums(bad)
     rc = cli.main(["verify", "--hf-dir", str(ckpts["hf_tied"]), "--megatron-dir", str(bad)])
     captured = capsys.readouterr()
     assert rc == 1, captured.out + captured.err[-3000:]
@@ -172,3 +183,30 @@ def test_a_failing_rank_surfaces_its_traceback(ckpts):
         run_megatron(str(ckpts["tied21"]), batch, world_size=2, timeout=300)
     message = str(e.value)
     assert "Traceback" in message and "KeyError" in message and "position_ids" in message
+
+
+def test_full_fp32_precision_sets_and_restores_the_tf32_flags():
+    """The flags verify's forwards run under (CPU: they are plain settings, read back here): TF32
+    off for matmuls and cuDNN convolutions / RNNs inside, the caller's values restored after, also
+    when the block raises."""
+    from megatron_cppo.convert.verify import FULL_FP32, full_fp32_precision, precision_flags
+
+    before = precision_flags()
+    assert "cudnn.conv.fp32_precision" in before or "cudnn.allow_tf32" in before
+    # what CUDA users commonly set for speed; verify must override it
+    tf32 = {k: {"ieee": "tf32", False: True, "highest": "high"}[FULL_FP32[k]] for k in before}
+    from megatron_cppo.convert.verify import _set_precision_flags
+
+    _set_precision_flags(tf32)
+    try:
+        assert precision_flags() == tf32
+        with full_fp32_precision():
+            assert precision_flags() == {k: FULL_FP32[k] for k in before}
+        assert precision_flags() == tf32
+        with pytest.raises(KeyError):
+            with full_fp32_precision():
+                raise KeyError("boom")
+        assert precision_flags() == tf32
+    finally:
+        _set_precision_flags(before)
+    assert precision_flags() == before

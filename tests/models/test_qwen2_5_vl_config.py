@@ -59,9 +59,17 @@ def test_pp_larger_than_layers():
 
 
 def test_pipeline_split():
-    with pytest.raises(ValueError, match="does not divide num_layers 4.*num_layers_in_first"):
-        _layout(_dims(), pp=3)
-    assert _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=2)
+    # PP 3 does not divide 4 layers and no split is given: one is chosen, and said
+    chosen = _layout(_dims(), pp=3)
+    assert chosen.pipeline_split == dict(num_layers_in_first_pipeline_stage=1,
+                                         num_layers_in_last_pipeline_stage=1)
+    assert "[1, 2, 1]" in chosen.split_note
+    even = _layout(_dims(), pp=2)
+    assert even.num_layers_in_first_pipeline_stage is None and even.split_note is None
+    given = _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=2)
+    assert given.num_layers_in_first_pipeline_stage == 2 and given.split_note is None
+    with pytest.raises(ValueError, match="virtual pipeline"):
+        _layout(_dims(num_layers=6), pp=2, vpp=2, variable_seq_lengths=False)
     with pytest.raises(ValueError, match="leave 3 of 4"):
         _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=1)
     with pytest.raises(ValueError, match="need pipeline_model_parallel_size > 1"):

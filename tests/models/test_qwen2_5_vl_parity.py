@@ -51,7 +51,6 @@ def _pad_batch(batch, seq_length):
 def _check_layout(state, root, runs, fixed_seq_length=None):
     import torch.distributed as dist
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_cppo.models.qwen2_5_vl import (
         MRopeIndexConfig,
@@ -62,11 +61,11 @@ def _check_layout(state, root, runs, fixed_seq_length=None):
         load_hf_weights,
         mrope_position_ids_batch,
         read_hf_state_dict,
-        stage_inputs,
         unwrap,
     )
     from megatron_cppo.models.qwen2_5_vl.mapping import normalize_hf_state_dict
     from megatron_cppo.parallel.vision_dp import allreduce_replicated_grads
+    from megatron_cppo.training.forward_step import run_pipeline
 
     results = {}
     for variant, mode, settings, tag in runs:
@@ -111,33 +110,16 @@ def _check_layout(state, root, runs, fixed_seq_length=None):
 
         stash = []
 
-        def forward_step(data_iterator, chunk):
-            mb = next(data_iterator)
-            inputs = stage_inputs(
-                dict(input_ids=mb["input_ids"], pixel_values=mb["pixel_values"],
-                     image_grid_thw=mb["image_grid_thw"]),
-                pre_process=unwrap(chunk).pre_process)
-            out = chunk(inputs.get("input_ids"), mb["position_ids"],
-                        pixel_values=inputs.get("pixel_values"),
-                        image_grid_thw=inputs.get("image_grid_thw"))
+        def loss_head(mb, logits_BSV):
+            stash.append(logits_BSV.detach().clone())
+            nll_BS = tensor_parallel.vocab_parallel_cross_entropy(
+                logits_BSV.clone(), mb["labels"])
+            # the schedule divides by the number of micro-batches: undo it so that the sum
+            # over micro-batches is the token mean over the whole batch (as in the HF ref)
+            loss = (nll_BS * mb["loss_mask"]).sum() / total_tokens * len(batch)
+            return loss, {"loss": loss.detach() / len(batch)}
 
-            def loss_func(logits_BSV):
-                stash.append(logits_BSV.detach().clone())
-                nll_BS = tensor_parallel.vocab_parallel_cross_entropy(
-                    logits_BSV.clone(), mb["labels"])
-                # the schedule divides by the number of micro-batches: undo it so that the sum
-                # over micro-batches is the token mean over the whole batch (as in the HF ref)
-                loss = (nll_BS * mb["loss_mask"]).sum() / total_tokens * len(batch)
-                return loss, {"loss": loss.detach() / len(batch)}
-
-            return out, loss_func
-
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batch) for _ in chunks] if len(chunks) > 1 else iter(batch),
-            model=chunks,
-            num_microbatches=len(batch), seq_length=max(mb["input_ids"].shape[1] for mb in batch),
-            micro_batch_size=2, forward_only=False)
+        losses = run_pipeline(chunks, batch, loss_head)
 
         if state.is_last_stage:
             res["loss"] = float(sum(float(x["loss"]) for x in losses))

@@ -67,6 +67,33 @@ def _vision_pg_collection(state: ParallelState, mode: str):
     return pgc
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Tag the weights of megatron's TP layers ``tensor_model_parallel`` (with partition_dim).
+
+    megatron sets these attributes only when it initialises a weight itself
+    (``perform_initialization``); the builder loads weights instead. Without them the optimizer's
+    grad norm counts every TP-sharded weight as a duplicate held by TP rank 0 only (at TP 2 the
+    norm came out ~0.71 of the true one, measured) and clipping is wrong. Weights already tagged
+    (the replicated ViT in dp_in_tp mode, ``vision_dp.mark_replicated``) are left alone."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
 def build_qwen2_5_vl(hf_config: Any, state: ParallelState,
                      settings: Optional[Qwen25VLModelConfig] = None) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual pipeline stage) for an HF Qwen2.5-VL config
@@ -75,7 +102,9 @@ def build_qwen2_5_vl(hf_config: Any, state: ParallelState,
     settings = settings or Qwen25VLModelConfig()
     dims = Qwen25VLDims.from_hf(load_hf_config(hf_config))
     layout = validate_layout(dims, settings, state.config)
-    lm_config = language_transformer_config(dims, settings, state.config)
+    if layout.split_note and state.rank == 0:
+        print(f"note: {layout.split_note}", flush=True)
+    lm_config = language_transformer_config(dims, settings, state.config, layout)
     vit_config = projector_config = vision_pgc = None
     if state.is_first_stage:
         vit_config = vision_transformer_config(dims, settings, state.config, layout)
@@ -96,6 +125,8 @@ def build_qwen2_5_vl(hf_config: Any, state: ParallelState,
         # megatron allocates TP layers on the GPU unless use_cpu_initialization; the torch norms
         # and the patch embedding follow here (as megatron's get_model does)
         model.to(state.device)
+        if not settings.perform_initialization:
+            mark_tensor_parallel_weights(model)
         if settings.dtype == "bf16":
             model = HalfPrecisionModule(lm_config, model)
         chunks.append(model)

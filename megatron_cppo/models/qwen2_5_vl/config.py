@@ -187,7 +187,9 @@ class Qwen25VLModelConfig:
     # all-gathered, ViT gradients reduced over TP. "auto": "tp" if TP < 4 and it divides, else
     # "dp_in_tp" (the ViT is ~5% of the FLOPs; sharding it 4+ ways mostly adds collectives).
     vision_parallel_mode: str = "auto"
-    # Uneven pipeline split: the first stage also runs the ViT, so it may hold fewer LM layers.
+    # Uneven pipeline split (Megatron-LM's --decoder-first/last-pipeline-num-layers): the first
+    # stage also runs the ViT, so it may hold fewer LM layers. Both None and PP not dividing the
+    # layers: validate_layout chooses a split (ResolvedLayout.split_note says which).
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
     dtype: str = "fp32"  # "fp32" or "bf16" (bf16: chunks are wrapped in a Float16Module)
@@ -223,6 +225,16 @@ class ResolvedLayout:
     vision_parallel_mode: str  # "tp" or "dp_in_tp"
     vision_tp_size: int  # TP size the ViT weights are sharded over (1 in dp_in_tp mode)
     padded_vocab_size: int
+    # the pipeline split in force (None, None: even); chosen here when PP does not divide the
+    # language model's layers and none was given (split_note then says which)
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    split_note: Optional[str] = None
+
+    @property
+    def pipeline_split(self) -> dict:
+        return dict(num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
+                    num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage)
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -245,7 +257,7 @@ def validate_layout(dims: Qwen25VLDims, settings: Qwen25VLModelConfig,
     if parallel.sequence_parallel:
         raise ValueError("sequence_parallel is not supported by the Qwen2.5-VL model (image "
                          "features are spliced into the full sequence on the first stage)")
-    _validate_pipeline_split(t.num_layers, pp, vpp, settings)
+    first, last, note = _resolve_pipeline_split(t.num_layers, pp, vpp, settings)
     if vpp is not None and settings.variable_seq_lengths:
         # measured on gloo (megatron-core 0.16.1, PP=2 x VPP=2): the interleaved schedule's shape
         # exchange mismatches ("Received data size doesn't match expected size") and aborts.
@@ -266,35 +278,82 @@ def validate_layout(dims: Qwen25VLDims, settings: Qwen25VLModelConfig,
                     f"(replicated ViT, images divided across the TP ranks)")
     return ResolvedLayout(tp_size=tp, pp_size=pp, vpp_size=vpp, vision_parallel_mode=mode,
                           vision_tp_size=tp if mode == "tp" else 1,
-                          padded_vocab_size=padded_vocab_size(t.vocab_size, tp))
+                          padded_vocab_size=padded_vocab_size(t.vocab_size, tp),
+                          num_layers_in_first_pipeline_stage=first,
+                          num_layers_in_last_pipeline_stage=last, split_note=note)
 
 
-def _validate_pipeline_split(num_layers: int, pp: int, vpp: Optional[int],
-                             settings: Qwen25VLModelConfig) -> None:
+def stage_layer_counts(num_layers: int, pp: int, first: Optional[int],
+                       last: Optional[int]) -> Optional[list[int]]:
+    """Language-model layers per pipeline stage for a split (megatron's rule: the stages without a
+    fixed count share the rest evenly), or None if the split is impossible."""
+    fixed = [x for x in (first, last) if x is not None]
+    rest_layers, rest_stages = num_layers - sum(fixed), pp - len(fixed)
+    if rest_stages < 0 or (rest_stages == 0 and rest_layers != 0) \
+            or (rest_stages > 0 and (rest_layers < rest_stages or rest_layers % rest_stages)):
+        return None
+    middle = [rest_layers // rest_stages] * rest_stages if rest_stages else []
+    return ([first] if first is not None else []) + middle + ([last] if last is not None else [])
+
+
+def choose_pipeline_split(num_layers: int, pp: int) -> tuple[Optional[int], Optional[int]]:
+    """(first, last) for ``pp`` stages that megatron accepts: the smallest largest stage, then
+    the most even one (sum of squares), then the fewest layers on the first stage (it also runs
+    the vision tower), then the first count alone."""
+    if num_layers % pp == 0:
+        return None, None
+    best = None
+    for first in range(1, num_layers + 1):
+        for last in (None,) + tuple(range(1, num_layers + 1)):
+            counts = stage_layer_counts(num_layers, pp, first, last)
+            if counts is None:
+                continue
+            key = (max(counts), sum(c * c for c in counts), first, last is not None)
+            if best is None or key < best[0]:
+                best = (key, first, last)
+    if best is None:
+        raise ValueError(f"no pipeline split of {num_layers} layers into {pp} stages exists")
+    return best[1], best[2]
+
+
+def _resolve_pipeline_split(num_layers: int, pp: int, vpp: Optional[int],
+                            settings: Qwen25VLModelConfig
+                            ) -> tuple[Optional[int], Optional[int], Optional[str]]:
+    """(first, last, note): the given split validated, or one chosen when PP does not divide the
+    layers and none was given (note says which)."""
     first = settings.num_layers_in_first_pipeline_stage
     last = settings.num_layers_in_last_pipeline_stage
     if first is None and last is None:
         stages = pp * (vpp or 1)
-        if num_layers % stages:
+        if num_layers % stages == 0:
+            return None, None, None
+        if vpp is not None:
             raise ValueError(
-                f"pipeline-model-parallel-size {pp}" + (f" x virtual {vpp}" if vpp else "")
-                + f" does not divide num_layers {num_layers} of the language model; set "
-                f"num_layers_in_first_pipeline_stage (and/or _last_) for an uneven split")
-        return
+                f"pipeline-model-parallel-size {pp} x virtual {vpp} does not divide num_layers "
+                f"{num_layers} of the language model (an uneven split is not supported with "
+                f"virtual pipeline parallelism)")
+        first, last = choose_pipeline_split(num_layers, pp)
+        counts = stage_layer_counts(num_layers, pp, first, last)
+        note = (f"pipeline-model-parallel-size {pp} does not divide the language model's "
+                f"{num_layers} layers: using layers per stage {counts} "
+                f"(num_layers_in_first_pipeline_stage={first}"
+                + (f", num_layers_in_last_pipeline_stage={last}" if last is not None else "")
+                + "; set them to choose another split)")
+        return first, last, note
     if pp == 1:
         raise ValueError("num_layers_in_first/last_pipeline_stage need "
                          "pipeline_model_parallel_size > 1")
     if vpp is not None:
         raise ValueError("an uneven pipeline split (num_layers_in_first/last_pipeline_stage) is "
                          "not supported with virtual pipeline parallelism")
-    fixed = [x for x in (first, last) if x is not None]
-    rest_layers, rest_stages = num_layers - sum(fixed), pp - len(fixed)
-    if rest_layers < rest_stages or (rest_stages == 0 and rest_layers != 0) \
-            or (rest_stages > 0 and rest_layers % rest_stages):
+    if stage_layer_counts(num_layers, pp, first, last) is None:
+        fixed = [x for x in (first, last) if x is not None]
+        rest_layers, rest_stages = num_layers - sum(fixed), pp - len(fixed)
         raise ValueError(
             f"num_layers_in_first_pipeline_stage {first} / num_layers_in_last_pipeline_stage "
             f"{last} leave {rest_layers} of {num_layers} language-model layers for {rest_stages} "
             f"other pipeline stages: they must split evenly, at least one layer per stage")
+    return first, last, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,10 +375,14 @@ def _common(settings: Qwen25VLModelConfig, parallel: ParallelConfig) -> dict:
 
 
 def language_transformer_config(dims: Qwen25VLDims, settings: Qwen25VLModelConfig,
-                                parallel: ParallelConfig):
+                                parallel: ParallelConfig,
+                                layout: Optional[ResolvedLayout] = None):
+    """``layout``: the resolved layout (its pipeline split, possibly chosen); validated here if
+    not given."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     t = dims.text
+    layout = layout or validate_layout(dims, settings, parallel)
     return TransformerConfig(
         num_layers=t.num_layers, hidden_size=t.hidden_size,
         num_attention_heads=t.num_attention_heads, num_query_groups=t.num_query_groups,
@@ -331,8 +394,8 @@ def language_transformer_config(dims: Qwen25VLDims, settings: Qwen25VLModelConfi
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=settings.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=settings.num_layers_in_last_pipeline_stage,
+        num_layers_in_first_pipeline_stage=layout.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=layout.num_layers_in_last_pipeline_stage,
         sequence_parallel=False,
         # Only the pipeline p2p reads it; megatron refuses it with its default MoE dispatcher even
         # in a dense model, hence the (unused) alltoall dispatcher.

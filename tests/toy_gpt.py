@@ -1,7 +1,7 @@
 """A tiny Qwen2-like GPTModel on megatron-core: the layout-parity workload.
 
-Used by the layout-parity tests (same loss, gradients and optimizer step at any (tp, pp, dp)) and by
-``megatron_cppo.train`` until the CPPO trainer replaces its model and loss.
+Used by the layout-parity tests (same loss, gradients and optimizer step at any (tp, pp, dp)); it
+serves tests only, so it lives under tests/.
 
 Weights come from one deterministic full (TP=1, PP=1) state dict that every rank slices for itself,
 so runs at different layouts start from identical parameters:

@@ -1,0 +1,112 @@
+"""Image decoding and the reference's resize (before any perturbation).
+
+The reference loads each image with qwen-vl-utils' ``fetch_image``: RGBA is composited on white, other
+modes converted to RGB, then the image is resized (PIL's default bicubic) to the nearest sides that
+are multiples of 28 (patch 14 x merge 2) with the pixel count kept within [min_pixels, max_pixels]
+(``smart_resize``; short sides under 28 become 28). The perturbations run on this resized image, so
+the clean, I+ and I- views share (W, H), the processor's grid and every token position.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from PIL import Image
+
+IMAGE_FACTOR = 28  # patch_size 14 x spatial_merge_size 2
+MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter ratios
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a skip-count key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: int,
+                 factor: int = IMAGE_FACTOR) -> tuple[int, int]:
+    """(height, width) rounded to multiples of ``factor`` with min_pixels <= h*w <= max_pixels.
+
+    Same arithmetic as qwen-vl-utils' and transformers' Qwen2-VL ``smart_resize``."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageError("image_aspect_ratio",
+                         f"aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
+                         f"{MAX_ASPECT_RATIO}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGBA":
+        out = Image.new("RGB", img.size, (255, 255, 255))
+        out.paste(img, mask=img.split()[3])
+        return out
+    return img.convert("RGB")
+
+
+def decode_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int) -> Image.Image:
+    """One image entry of a row (``{"bytes": b, "path": p}``, raw bytes, a path string or a PIL
+    image) -> an RGB PIL image. Raises ImageError with a skip reason."""
+    if isinstance(entry, Image.Image):
+        img = entry
+    else:
+        data, path = None, None
+        if isinstance(entry, dict):
+            data, path = entry.get("bytes"), entry.get("path") or entry.get("image")
+        elif isinstance(entry, (bytes, bytearray, memoryview)):
+            data = bytes(entry)
+        elif isinstance(entry, (str, os.PathLike)):
+            path = entry
+        if data is None and isinstance(path, (str, os.PathLike)) and str(path):
+            p = Path(str(path).removeprefix("file://"))
+            if not p.is_absolute() and base_dir is not None:
+                p = base_dir / p
+            if not p.is_file():
+                raise ImageError("image_missing", f"image file {p} does not exist")
+            data = p.read_bytes()
+        if not data:
+            raise ImageError("image_missing", "image entry holds neither bytes nor a path")
+        try:
+            img = Image.open(io.BytesIO(data))
+            # Checked before decoding the pixels: a huge image is never decompressed.
+            if img.width * img.height > max_image_pixels:
+                raise ImageError("image_over_pixel_limit",
+                                 f"image of {img.width}x{img.height} pixels exceeds "
+                                 f"max_image_pixels={max_image_pixels}")
+            img.load()
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageError("image_over_pixel_limit", str(e)) from e
+        except Exception as e:  # PIL raises many types for corrupt data
+            raise ImageError("image_undecodable", f"cannot decode image: {e}") from e
+    if img.width * img.height > max_image_pixels:
+        raise ImageError("image_over_pixel_limit",
+                         f"image of {img.width}x{img.height} pixels exceeds "
+                         f"max_image_pixels={max_image_pixels}")
+    if img.width < 1 or img.height < 1:
+        raise ImageError("image_undecodable", "image has no pixels")
+    return _to_rgb(img)
+
+
+def resize_for_qwen(img: Image.Image, *, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The reference's resize: sides multiples of 28 within the pixel bounds (bicubic)."""
+    h, w = smart_resize(img.height, img.width, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (w, h) == img.size:
+        return img
+    return img.resize((w, h), Image.BICUBIC)

@@ -1,0 +1,249 @@
+"""Training checkpoints: save every --save-interval steps and at the end, resume with --load.
+
+Layout under ``--save``::
+
+    latest                       "iter_0000004" (replaced atomically, after the directory is whole)
+    iter_0000004/
+        megatron_cppo.json       the converter's metadata: megatron-to-hf exports this directory
+        model/                   megatron-core distributed checkpoint of the model chunks
+        optimizer/               distributed checkpoint of the Megatron optimizer's state
+        trainer_state.pt         step, optimizer steps, weight version, LR schedule, data position
+        rng/rank00000.pt ...     RNG states of every rank (torch, python, numpy, megatron tracker)
+
+Failure atomicity: everything is written into a hidden sibling ``.iter_0000004.partial-*``; only
+when every rank has finished does rank 0 rename it into place and then replace ``latest``. A save
+killed at any point leaves ``latest`` naming the previous whole checkpoint (and a partial
+directory that the next save removes). Older checkpoints than the last ``keep`` are deleted
+after a new one is published.
+
+Model weights reload at any TP/PP layout (megatron-core's distributed checkpointing reshards);
+the optimizer state is stored against the same sharded model tensors, so it reshards too.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# The one place the trainer gets the model-checkpoint format from.
+from megatron_cppo.checkpoint import (  # noqa: I001
+    META_NAME,
+    load_megatron_checkpoint,
+    read_meta,
+    save_megatron_checkpoint,
+)
+
+__all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
+
+LATEST = "latest"
+OPTIMIZER_SUBDIR = "optimizer"
+TRAINER_STATE = "trainer_state.pt"
+_ITER = re.compile(r"^iter_(\d{7})$")
+# Distributed optimizer: "dp_reshardable" (reshardable over data parallel). megatron-core 0.16.1
+# fails on the other formats with torch's Adam: "fully_sharded_model_space" needs
+# ShardedTensor.flattened_range (refused), "fully_reshardable" loads a 'step' key it never saved.
+_DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def iter_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    out = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": np.random.get_state(),
+           "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_state(rng: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _model_sharded(chunks: Sequence[torch.nn.Module]) -> dict:
+    return {f"chunk{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _optimizer_sharded(optimizer, chunks, is_loading: bool) -> dict:
+    return {"optimizer": optimizer.sharded_state_dict(_model_sharded(chunks), is_loading=is_loading,
+                                                      metadata=_DIST_OPT_FORMAT)}
+
+
+def _agree(ok: bool, what: str, error: Optional[BaseException]) -> None:
+    """Every rank learns whether every rank succeeded (MIN all-reduce)."""
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag) == 0:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"another rank failed while {what}")
+
+
+def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_config,
+                    source_hf_dir: Optional[str] = None, start: Optional[dict] = None,
+                    keep: int = 2) -> Path:
+    """Collective over all ranks. Returns the published ``iter_*`` directory."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir).absolute()
+    name = iter_name(counters.step)
+    box = [None]
+    if state.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(f".{name}.partial-*"):  # an earlier interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        box = [tempfile.mkdtemp(prefix=f".{name}.partial-", dir=save_dir)]
+    dist.broadcast_object_list(box, src=0)
+    partial = Path(box[0])
+    model_dir = partial / "ckpt"  # save_megatron_checkpoint publishes its own directory
+    raw = policy.raw_chunks()
+    save_megatron_checkpoint(raw, model_dir, state, hf_config=hf_config,
+                             source_hf_dir=source_hf_dir)
+    error = None
+    try:
+        if state.rank == 0:
+            for item in model_dir.iterdir():  # model/ and the metadata at the top level
+                os.replace(item, partial / item.name)
+            model_dir.rmdir()
+            (partial / OPTIMIZER_SUBDIR).mkdir()
+            (partial / "rng").mkdir()
+        dist.barrier()
+        dist_checkpointing.save(_optimizer_sharded(policy.optimizer, raw, is_loading=False),
+                                str(partial / OPTIMIZER_SUBDIR))
+        torch.save(_rng_state(), partial / "rng" / f"rank{state.rank:05d}.pt")
+        if state.rank == 0:
+            torch.save({"counters": vars(counters).copy(),
+                        "scheduler": policy.scheduler.state_dict(),
+                        "prompts": prompts.state_dict() if prompts is not None else None,
+                        "start": start,  # where the start (= reference) weights came from
+                        "world_size": state.world_size, "tp": state.tp_size,
+                        "pp": state.pp_size}, partial / TRAINER_STATE)
+    except Exception as e:  # every rank must reach the agreement
+        error = e
+    _agree(error is None, "saving the checkpoint", error)
+    final = save_dir / name
+    if state.rank == 0:
+        aside = None
+        if final.exists():  # the same step saved again: move the old one aside first
+            aside = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=save_dir))
+            os.replace(final, aside / name)
+        os.replace(partial, final)
+        tmp_latest = save_dir / f".{LATEST}.tmp"
+        tmp_latest.write_text(name + "\n")
+        os.replace(tmp_latest, save_dir / LATEST)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        done = sorted(p for p in save_dir.iterdir() if _ITER.match(p.name))
+        for old in done[:-keep] if keep > 0 else []:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def find_checkpoint(load_dir: str) -> Path:
+    """``--load`` may name a save directory (follow ``latest``), an ``iter_*`` directory, or a
+    converted model checkpoint (weights only)."""
+    path = Path(load_dir)
+    latest = path / LATEST
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / META_NAME).is_file():
+            raise ValueError(f"--load: {latest} names {target.name}, which is not a whole "
+                             "checkpoint")
+        return target
+    if (path / META_NAME).is_file():
+        return path
+    raise ValueError(f"--load: {load_dir} has neither a '{LATEST}' file nor {META_NAME}")
+
+
+def _prepare_optimizer_for_loading(optimizer) -> None:
+    """megatron's distributed optimizer builds its sharded state dict from existing Adam states
+    (it asserts one common step); a fresh one has none, so it takes one zero-gradient step
+    first, as megatron-core does for the purpose. That step may move the weights (decoupled
+    weight decay): the caller loads the model after the optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not opt.optimizer.state:
+            init()
+
+
+def _restore_adam_steps(optimizer, num_steps: int) -> None:
+    """megatron-core 0.16.1's distributed optimizer with torch's Adam does not restore the per-
+    parameter Adam ``step`` from a dp_reshardable checkpoint (measured: it kept the value of the
+    state-initialising step, 1, after 2 saved steps) and, where it sets one, shares a single tensor
+    that torch's Adam then advances once per parameter. Either breaks the bias correction after a
+    resume. The step count is the number of optimizer steps taken (skipped steps do not step
+    Adam): give every parameter its own tensor with that value."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue  # the plain optimizer restores its steps itself
+        for st in opt.optimizer.state.values():
+            if "step" in st:
+                old = st["step"]
+                st["step"] = (torch.tensor(float(num_steps), dtype=old.dtype, device=old.device)
+                              if torch.is_tensor(old) else num_steps)
+
+
+def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
+                    load_optimizer: bool = True) -> dict[str, Any]:
+    """Collective. Loads the model (any layout); with a training checkpoint and
+    ``load_optimizer``, also optimizer, LR schedule, counters, data position and this rank's RNG
+    states. Returns what was restored (for the log)."""
+    from megatron.core import dist_checkpointing
+
+    path = find_checkpoint(load_dir)
+    raw = policy.raw_chunks()
+    restored = {"checkpoint": str(path), "model": True}
+    trainer_file = path / TRAINER_STATE
+    if not trainer_file.is_file() or not load_optimizer:  # weights only
+        load_megatron_checkpoint(raw, path, state)
+        policy.optimizer.reload_model_params()  # bf16: the fp32 main copies follow the weights
+        return restored
+    meta = torch.load(trainer_file, weights_only=False)
+    _prepare_optimizer_for_loading(policy.optimizer)
+    loaded = dist_checkpointing.load(_optimizer_sharded(policy.optimizer, raw, is_loading=True),
+                                     str(path / OPTIMIZER_SUBDIR))
+    with torch.no_grad():  # fp32 main params of the distributed optimizer are views of weights
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(policy.optimizer, int(meta["counters"]["optimizer_steps"]))
+    # the model last: the weights exactly as saved, whatever preparing the optimizer touched
+    load_megatron_checkpoint(raw, path, state)
+    policy.scheduler.load_state_dict(meta["scheduler"])
+    for k, v in meta["counters"].items():
+        setattr(counters, k, v)
+    if prompts is not None and meta["prompts"] is not None:
+        prompts.load_state_dict(meta["prompts"])
+    rng_file = path / "rng" / f"rank{state.rank:05d}.pt"
+    same_world = meta["world_size"] == state.world_size
+    if same_world and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    restored.update(start=meta.get("start"), optimizer=True, scheduler=True, step=counters.step,
+                    weight_version=counters.weight_version, rng=same_world,
+                    data_position=meta["prompts"] is not None)
+    return restored
+
+
+def list_partial(save_dir: str) -> list[str]:
+    return glob.glob(os.path.join(save_dir, ".iter_*.partial-*"))

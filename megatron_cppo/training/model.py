@@ -1,0 +1,145 @@
+"""Build what the trainer trains: policy chunks in megatron DDP with the Megatron optimizer and
+its LR schedule, and the frozen reference model.
+
+The policy's gradients live in megatron DDP's buffers (``main_grad``, fp32), are reduced over
+data-parallel ranks by ``finalize_model_grads`` at the end of each schedule call (also the tied
+embedding over the first/last stage and replicated ViT weights over TP), then clipped and applied
+by the Megatron optimizer (plain Adam, or sharded over data parallel with
+``use_distributed_optimizer``). The vision tower trains with the language model, as in the
+reference recipe.
+
+The reference model is a second set of chunks with the start weights, never updated, not wrapped
+in DDP, ``requires_grad=False``; with ``cpu_offload`` its parameters wait in CPU memory between
+its passes (a no-op on CPU machines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["Policy", "ReferenceModel", "build_policy", "build_reference", "model_settings"]
+
+
+def model_settings(cfg) -> Any:
+    """``Qwen25VLModelConfig`` from the trainer config's model and parallel sections."""
+    from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig
+
+    kwargs = dict(
+        vision_parallel_mode=cfg.parallel.vision_parallel_mode,
+        num_layers_in_first_pipeline_stage=cfg.parallel.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=cfg.parallel.decoder_last_pipeline_num_layers,
+        dtype="bf16" if cfg.model.bf16 else "fp32")
+    if cfg.model.recompute_granularity is not None:
+        fields = Qwen25VLModelConfig.__dataclass_fields__
+        if "recompute_granularity" not in fields:
+            raise ValueError("--recompute-granularity: this model build has no activation "
+                             "recomputation yet")
+        kwargs["recompute_granularity"] = cfg.model.recompute_granularity
+    return Qwen25VLModelConfig(**kwargs)
+
+
+@dataclass
+class Policy:
+    chunks: list            # DDP-wrapped model chunks (one per virtual stage)
+    optimizer: Any          # megatron MegatronOptimizer
+    scheduler: Any          # megatron OptimizerParamScheduler
+
+    def raw_chunks(self) -> list:
+        """The chunks without the DDP wrapper (what checkpoints and the refit read)."""
+        return [c.module for c in self.chunks]
+
+
+def build_policy(hf_config, state, settings, optim, *, use_distributed_optimizer: bool = False,
+                 hf_state_dict: Optional[dict] = None, total_steps: int = 1) -> Policy:
+    """Policy chunks (+ HF start weights if given) in megatron DDP, the Megatron optimizer from
+    the trainer's ``OptimizerConfig`` section ``optim``, and megatron's LR/WD schedule over
+    ``total_steps`` optimizer steps."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl, load_hf_weights, unwrap
+
+    chunks = build_qwen2_5_vl(hf_config, state, settings)
+    if hf_state_dict is not None:
+        load_hf_weights(chunks, hf_state_dict, state)
+    tconfig = unwrap(chunks[0]).config
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer)
+    ddp = [DistributedDataParallel(tconfig, ddp_config, c, pg_collection=state.pg_collection,
+                                   disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    bf16 = settings.dtype == "bf16"
+    opt = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
+                        weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
+                        adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                        clip_grad=optim.clip_grad, bf16=bf16,
+                        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        use_distributed_optimizer=use_distributed_optimizer),
+        ddp, use_gloo_process_groups=False, pg_collection=state.pg_collection)
+    decay_steps = optim.lr_decay_iters or total_steps
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0 if optim.lr_warmup_iters else optim.lr, max_lr=optim.lr,
+        min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
+        lr_decay_steps=max(decay_steps, optim.lr_warmup_iters + 1),
+        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant")
+    return Policy(chunks=ddp, optimizer=opt, scheduler=sched)
+
+
+class ReferenceModel:
+    """Frozen copy of the start weights for the KL term; optionally parked in CPU memory."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], device: torch.device,
+                 cpu_offload: bool = False):
+        self.chunks = list(chunks)
+        self.device = device
+        self.cpu_offload = cpu_offload and device.type != "cpu"
+        for c in self.chunks:
+            c.eval()
+            c.requires_grad_(False)
+        if self.cpu_offload:
+            self._move(torch.device("cpu"))
+
+    def _move(self, device: torch.device) -> None:
+        for c in self.chunks:
+            c.to(device)
+
+    def __enter__(self) -> list:
+        if self.cpu_offload:
+            self._move(self.device)
+        return self.chunks
+
+    def __exit__(self, *exc) -> None:
+        if self.cpu_offload:
+            self._move(torch.device("cpu"))
+            torch.cuda.empty_cache()
+
+
+def build_reference(hf_config, state, settings, *, hf_state_dict: Optional[dict] = None,
+                    from_chunks: Optional[Sequence[torch.nn.Module]] = None,
+                    cpu_offload: bool = False) -> ReferenceModel:
+    """The reference model: the HF weights, or a copy of ``from_chunks``' current weights (the
+    policy right after loading its start checkpoint)."""
+    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl, load_hf_weights
+
+    chunks = build_qwen2_5_vl(hf_config, state, settings)
+    if hf_state_dict is not None:
+        load_hf_weights(chunks, hf_state_dict, state)
+    elif from_chunks is not None:
+        with torch.no_grad():
+            for dst, src in zip(chunks, from_chunks):
+                dst.load_state_dict(src.state_dict(), strict=True)
+    else:
+        raise ValueError("build_reference needs hf_state_dict or from_chunks")
+    return ReferenceModel(chunks, state.device, cpu_offload=cpu_offload)

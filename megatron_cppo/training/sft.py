@@ -1,0 +1,53 @@
+"""Supervised warm start: next-token cross-entropy on the response tokens of prompt + response
+samples, through the same micro-batch layout, forward step and optimizer as the CPPO update.
+
+    samples = [Sample.from_prompt(item, response_ids, group_id=i) for ...]   # or recorded
+    result = sft_step(policy.chunks, policy.optimizer, samples, ctx, scheduler=policy.scheduler)
+
+The loss of a micro-batch is the mean negative log-likelihood over its response tokens (logits
+divided by ``ctx.temperature``, normally 1 here; vocabulary rows beyond ``ctx.valid_vocab``
+excluded); the schedule averages micro-batches, DDP averages ranks (forward_step.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megatron_cppo.ops.vocab_parallel import log_probs_and_entropy
+from megatron_cppo.training.batch import Sample, collate, to_device
+from megatron_cppo.training.forward_step import run_pipeline
+from megatron_cppo.training.update import StepResult, UpdateContext, _step, partition
+
+__all__ = ["sft_loss_head", "sft_step"]
+
+
+def sft_loss_head(ctx: UpdateContext):
+    def head(mb, logits_BSV):
+        lp_BS, _ = log_probs_and_entropy(
+            logits_BSV, mb["labels"], group=ctx.state.tp_group, temperature=ctx.temperature,
+            chunk_size=ctx.chunk_size, valid_vocab=ctx.valid_vocab, with_entropy=False)
+        lp_BT = lp_BS.gather(1, mb["response_index_BT"])
+        mask_BT = mb["response_mask_BT"]
+        count = mask_BT.sum().clamp(min=1)
+        nll = -torch.where(mask_BT, lp_BT, torch.zeros_like(lp_BT)).sum() / count
+        return nll, {"sft_loss": float(nll.detach()), "response_tokens": float(mask_BT.sum()),
+                     "loss_finite": float(bool(torch.isfinite(nll.detach())))}
+
+    return head
+
+
+def sft_step(chunks: Sequence[torch.nn.Module], optimizer, samples: Sequence[Sample],
+             ctx: UpdateContext, *, scheduler=None) -> StepResult:
+    """One optimizer step of supervised fine-tuning on this data-parallel rank's samples."""
+    groups = partition(samples, [False] * len(samples), ctx)
+    mbs = [to_device(collate([samples[i] for i in g], torch.zeros(len(g), dtype=torch.bool),
+                             ctx.rope_cfg, with_training_targets=False), ctx.state.device)
+           for g in groups]
+    for c in chunks:
+        c.train()
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    per_mb = run_pipeline(chunks, mbs, sft_loss_head(ctx))
+    return _step(optimizer, scheduler, per_mb, ctx)

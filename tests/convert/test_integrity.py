@@ -1,0 +1,117 @@
+"""Per-chunk checksums (issue 13, item 2): every checkpoint written records them, every read
+verifies them.
+
+  * one flipped low-mantissa bit in one stored tensor (a change no shape or dtype check and no
+    logits tolerance would see) is refused by reshard, megatron-to-hf, check and a training
+    checkpoint load on 2 ranks, each naming that tensor;
+  * reshard verifies its input and writes new checksums (check passes on its output); a training
+    save (2 ranks) writes them for model/ and extra state;
+  * a checkpoint written before checksums existed (no checksums.json, ``checksums`` null) still
+    loads and converts, with one warning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import convert_fixtures as cf
+from distributed import run_on_ranks
+from megatron_cppo.checkpoint import read_meta
+from megatron_cppo.convert import cli
+
+LM_FC2 = "language_model.decoder.layers.mlp.linear_fc2.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("integrity")
+    hf = cf.write_hf_dir(root / "hf", tied=False)
+    mc = root / "mc"
+    assert cli.main(["hf-to-megatron", "--hf-dir", str(hf), "--out", str(mc), "--tp", "2",
+                     "--pp", "2", "--no-progress"]) == 0
+    flipped = root / "flipped"
+    shutil.copytree(mc, flipped)
+    chunk = cf.flip_low_mantissa_bit(flipped, LM_FC2)
+    old = root / "old"  # as written before checksums existed
+    shutil.copytree(mc, old)
+    (old / "checksums.json").unlink()
+    meta = json.loads((old / "megatron_cppo.json").read_text())
+    meta.pop("checksums")
+    (old / "megatron_cppo.json").write_text(json.dumps(meta))
+    return dict(root=root, hf=hf, mc=mc, flipped=flipped, chunk=chunk, old=old)
+
+
+def _one_error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["reshard", "megatron-to-hf", "check"])
+def test_bit_flip_is_refused_naming_the_tensor(ckpt, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    argv = {"reshard": ["reshard", "--megatron-dir", str(ckpt["flipped"]), "--out", str(out),
+                        "--tp", "1", "--pp", "1", "--no-progress"],
+            "megatron-to-hf": ["megatron-to-hf", "--megatron-dir", str(ckpt["flipped"]),
+                               "--out", str(out), "--no-progress"],
+            "check": ["check", "--megatron-dir", str(ckpt["flipped"])]}[command]
+    line = _one_error(capsys, argv)
+    assert "checksum mismatch" in line and ckpt["chunk"] in line, line
+    assert str(ckpt["flipped"] / "model") in line
+    assert cf.no_output_left(out)
+
+
+def test_checksums_carried_through_reshard_and_check(ckpt, tmp_path, capsys):
+    assert cli.main(["check", "--megatron-dir", str(ckpt["mc"])]) == 0
+    out = capsys.readouterr().out
+    assert "ok" in out and "match their checksums" in out
+    rs = tmp_path / "rs"
+    assert cli.main(["reshard", "--megatron-dir", str(ckpt["mc"]), "--out", str(rs), "--tp",
+                     "1", "--pp", "1", "--no-progress"]) == 0
+    assert read_meta(rs).checksums == "crc32" and (rs / "checksums.json").is_file()
+    assert cli.main(["check", "--megatron-dir", str(rs)]) == 0
+    cf.flip_low_mantissa_bit(rs, "language_model.embedding.word_embeddings.weight")
+    line = _one_error(capsys, ["check", "--megatron-dir", str(rs)])
+    assert "language_model.embedding.word_embeddings.weight at offset [0, 0]" in line
+
+
+def test_old_checkpoint_without_checksums_converts_with_a_warning(ckpt, tmp_path, capsys):
+    assert cli.main(["check", "--megatron-dir", str(ckpt["old"])]) == 0
+    captured = capsys.readouterr()
+    assert "no checksums" in captured.out and "tensors read back" in captured.out
+    assert captured.err.count("warning:") == 1 and "without checksums" in captured.err
+    out = tmp_path / "hf"
+    assert cli.main(["megatron-to-hf", "--megatron-dir", str(ckpt["old"]), "--out", str(out),
+                     "--no-progress"]) == 0
+    assert "without checksums" in capsys.readouterr().err
+    cf.assert_bitwise_equal(cf.raw_hf_tensors(out), cf.raw_hf_tensors(ckpt["hf"]), "old")
+
+
+def _load(state, cases):
+    """Training-side loads (2 ranks): the error message, or the metadata's checksum field."""
+    from megatron_cppo.checkpoint import CheckpointError, load_megatron_checkpoint, read_meta
+    from megatron_cppo.models.qwen2_5_vl.builder import build_qwen2_5_vl
+    from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLModelConfig
+
+    out = []
+    for ckpt in cases:
+        chunks = build_qwen2_5_vl(read_meta(ckpt).hf_config, state, Qwen25VLModelConfig())
+        try:
+            meta = load_megatron_checkpoint(chunks, ckpt, state)
+            out.append(("ok", meta.checksums))
+        except CheckpointError as e:
+            out.append(("error", str(e)))
+    return out
+
+
+def test_training_load_refuses_a_flipped_bit_and_loads_an_old_checkpoint(ckpt, capfd):
+    results = run_on_ranks(_load, 2, tp=2, pp=1,
+                           args=([str(ckpt["flipped"]), str(ckpt["old"]), str(ckpt["mc"])],))
+    for flipped, old, good in results:  # the same answer on every rank
+        assert flipped[0] == "error" and "checksum mismatch" in flipped[1], flipped
+        assert ckpt["chunk"] in flipped[1]
+        assert old == ("ok", None) and good == ("ok", "crc32")

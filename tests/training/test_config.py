@@ -1,0 +1,163 @@
+"""Trainer flags: every bad value or combination the trainer refuses gives one ValueError naming the
+flag (table-driven, in-process); YAML and flags combine with flags winning; the flag surface keeps
+Megatron-LM's spellings. Not proven here: that every setting reaches the code that uses it (the
+trainer tests do that for the settings they exercise)."""
+
+import pytest
+
+from megatron_cppo.training.config import (
+    TrainConfig,
+    build_parser,
+    check_world,
+    parse_config,
+)
+
+BAD = [
+    # (argv, flag named in the error)
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size"),
+    (["--pipeline-model-parallel-size", "-1"], "--pipeline-model-parallel-size"),
+    (["--decoder-first-pipeline-num-layers", "2"], "--decoder-first-pipeline-num-layers"),
+    (["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "0"],
+     "--decoder-last-pipeline-num-layers"),
+    (["--vision-parallel-mode", "sharded"], "--vision-parallel-mode"),
+    (["--recompute-granularity", "some"], "--recompute-granularity"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--micro-batch-size", "80"], "--micro-batch-size"),
+    (["--max-tokens-per-microbatch", "0"], "--max-tokens-per-microbatch"),
+    (["--global-batch-size", "7"], "--global-batch-size"),  # does not divide 8 x 5 responses
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "1e-6", "--min-lr", "1e-5"], "--min-lr"),
+    (["--lr-warmup-iters", "-3"], "--lr-warmup-iters"),
+    (["--lr-decay-style", "step"], "--lr-decay-style"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--adam-beta2", "1.0"], "--adam-beta2"),
+    (["--clip-grad", "-1"], "--clip-grad"),
+    (["--train-iters", "0"], "--train-iters"),
+    (["--kl-coef", "-0.01"], "--kl-coef"),
+    (["--kl-estimator", "k4"], "--kl-estimator"),
+    (["--cpl-coef", "inf"], "--cpl-coef"),
+    (["--cpl-tau", "0"], "--cpl-tau"),
+    (["--cpl-top-percent", "1.5"], "--cpl-top-percent"),
+    (["--cpl-top-percent", "0"], "--cpl-top-percent"),
+    (["--clip-ratio-low", "1"], "--clip-ratio-low"),
+    (["--clip-ratio-c", "1"], "--clip-ratio-c"),
+    (["--loss-agg-mode", "sum"], "--loss-agg-mode"),
+    (["--n-samples-per-prompt", "0"], "--n-samples-per-prompt"),
+    (["--n-samples-per-prompt", "1", "--global-batch-size", "8", "--micro-batch-size", "2"],
+     "--n-samples-per-prompt"),
+    (["--rollout-temperature", "0"], "--rollout-temperature"),
+    (["--rollout-top-p", "0.9"], "--rollout-top-p"),
+    (["--max-prompt-length", "0"], "--max-prompt-length"),
+    (["--max-response-length", "-5"], "--max-response-length"),
+    (["--rollout-gpu-memory-utilization", "1.5"], "--rollout-gpu-memory-utilization"),
+    (["--data-path", "/no/such/file.parquet"], "--data-path"),
+    (["--val-data-path", "/no/such/file.jsonl"], "--val-data-path"),
+    (["--eval-interval", "-1"], "--eval-interval"),
+    (["--eval-only"], "--eval-only"),  # without --val-data-path
+    (["--save-interval", "5"], "--save-interval"),  # without --save
+    (["--load", "/no/such/dir"], "--load"),
+    (["--exit-interval", "0"], "--exit-interval"),
+    (["--log-interval", "0"], "--log-interval"),
+    (["--wandb-exp-name", "x"], "--wandb-exp-name"),
+]
+
+
+@pytest.mark.parametrize("argv,name", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_flag_names_the_flag(argv, name):
+    with pytest.raises(ValueError) as err:
+        parse_config(argv)
+    assert str(err.value).startswith(name + ":"), str(err.value)
+
+
+BAD_WORLD = [
+    # (argv, world size, flag)
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 2,
+     "--tensor-model-parallel-size"),
+    (["--global-batch-size", "20", "--micro-batch-size", "4"], 3, "--global-batch-size"),
+    (["--global-batch-size", "20", "--micro-batch-size", "4"], 2, "--micro-batch-size"),
+]
+
+
+@pytest.mark.parametrize("argv,world,name", BAD_WORLD)
+def test_bad_layout_for_world_names_the_flag(argv, world, name):
+    cfg = parse_config(argv)
+    with pytest.raises(ValueError) as err:
+        check_world(cfg, world)
+    assert str(err.value).startswith(name + ":"), str(err.value)
+
+
+def test_good_combinations_and_world():
+    cfg = parse_config(["--tensor-model-parallel-size", "2", "--global-batch-size", "20",
+                        "--micro-batch-size", "2", "--max-tokens-per-microbatch", "4096"])
+    assert check_world(cfg, 4) == 2
+    assert cfg.mini_batches_per_step == 2
+    # the token budget replaces the micro-batch-size divisibility rule
+    assert check_world(parse_config(["--global-batch-size", "20", "--micro-batch-size", "3",
+                                     "--max-tokens-per-microbatch", "100"]), 2) == 2
+
+
+def test_yaml_sets_flags_and_command_line_wins(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("tensor-model-parallel-size: 2\nlr: 3.0e-6\nno-cpl-gating: true\n"
+                    "kl_estimator: k1\nbf16: true\n")
+    cfg = parse_config(["--config", str(path), "--lr", "5e-6"])
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.optimizer.lr == 5e-6
+    assert cfg.loss.cpl_gating is False and cfg.model.bf16 is True
+    assert cfg.loss_config().kl_loss_type == "k1"
+    assert cfg.loss_config().advantage_gating is False
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tensor-model-paralel-size: 2\n")
+    with pytest.raises(ValueError, match="--config: .*unknown setting 'tensor-model-paralel-size'"):
+        parse_config(["--config", str(path)])
+    path.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match="^--lr:"):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ValueError, match="^--config: cannot read"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_loss_config_maps_every_cppo_flag():
+    cfg = parse_config(["--kl-coef", "0.02", "--kl-estimator", "k2", "--cpl-coef", "0.05",
+                        "--cpl-tau", "0.2", "--cpl-top-percent", "0.3", "--no-cpl-gating",
+                        "--clip-ratio-low", "0.1", "--clip-ratio-high", "0.28",
+                        "--clip-ratio-c", "5", "--loss-agg-mode", "seq-mean-token-mean",
+                        "--entropy-coef", "0.001"])
+    lc = cfg.loss_config()
+    assert (lc.kl_loss_coef, lc.kl_loss_type, lc.cpl_coef, lc.cpl_tau, lc.cpl_top_percent,
+            lc.advantage_gating, lc.clip_ratio_low, lc.clip_ratio_high, lc.clip_ratio_c,
+            lc.loss_agg_mode, lc.entropy_coef) == (0.02, "k2", 0.05, 0.2, 0.3, False, 0.1,
+                                                   0.28, 5.0, "seq-mean-token-mean", 0.001)
+
+
+def test_megatron_spellings_present():
+    """Frozen part of the surface: Megatron-LM's flag names users' launch scripts rely on."""
+    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    for name in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                 "--micro-batch-size", "--global-batch-size", "--lr", "--min-lr",
+                 "--lr-warmup-iters", "--weight-decay", "--clip-grad", "--train-iters", "--save",
+                 "--load", "--save-interval", "--seed", "--bf16", "--use-distributed-optimizer",
+                 "--recompute-granularity", "--tensorboard-dir",
+                 "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
+                 "--hf-dir", "--data-path", "--val-data-path", "--n-samples-per-prompt",
+                 "--rollout-temperature", "--max-prompt-length", "--max-response-length",
+                 "--kl-coef", "--kl-estimator", "--cpl-coef", "--cpl-tau", "--cpl-top-percent",
+                 "--no-cpl-gating", "--eval-interval", "--config"):
+        assert name in flags, name
+    assert isinstance(TrainConfig(), TrainConfig)
+
+
+@pytest.mark.parametrize("name,worlds", [("qwen2_5_vl_3b.yaml", (8, 16)),
+                                         ("qwen2_5_vl_7b.yaml", (8, 16))])
+def test_example_configs_parse(name, worlds):
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "examples" / name
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.mini_batches_per_step == 8 and cfg.loss_config().cpl_coef == 0.01
+    for world in worlds:
+        check_world(cfg, world)
