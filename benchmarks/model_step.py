@@ -33,7 +33,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
 
 from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
@@ -43,20 +44,11 @@ from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
 
 def tiny_hf_config():
-    """The parity tests' tiny untied model (tests/models/tiny_qwen.py), restated here."""
-    from transformers import Qwen2_5_VLConfig
+    """The tests' tiny untied model (tests/models/tiny_qwen.py), with room for long sequences."""
+    sys.path.insert(0, os.path.join(REPO, "tests", "models"))
+    import tiny_qwen
 
-    text = dict(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                max_position_embeddings=8192, bos_token_id=0, eos_token_id=1,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [2, 3, 3]})
-    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, in_channels=3,
-                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
-                  fullatt_block_indexes=[1], out_hidden_size=64, hidden_act="silu")
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=1502,
-                            video_token_id=1503, vision_start_token_id=1500,
-                            vision_end_token_id=1501)
+    return tiny_qwen.hf_config(tied=False, max_position_embeddings=8192)
 
 
 def make_microbatches(hf_config, *, num_mb, batch, seq, image_hw, seed=0):

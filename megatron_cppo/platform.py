@@ -1,10 +1,10 @@
 """CPU platform layer: what megatron-core needs to run on a machine without CUDA (gloo, fp32/bf16).
 
-megatron-core assumes CUDA in many places (../shared/notes/megatron-on-cpu.md lists each one found; the
-numbers below refer to that table). On a machine with CUDA none of this is applied: ``activate()``
-returns False and touches nothing. On a CPU-only machine ``activate()`` applies, once:
+megatron-core assumes CUDA in many places; docs/megatron-on-cpu.md lists each one and why it fails
+(the numbers below are the rows of its table). On a machine with CUDA none of this is applied:
+``activate()`` returns False and touches nothing. On a CPU-only machine ``activate()`` applies, once:
 
-  #2, #6, #9  ``torch.cuda.current_device`` returns the CPU device; ``current_stream``,
+  #2, #5, #6, #9  ``torch.cuda.current_device`` returns the CPU device; ``current_stream``,
               ``default_stream``, ``Stream``, ``stream``, ``Event`` and ``synchronize`` become inert
               objects (there is one in-order "stream" on a CPU, so waiting on it is a no-op).
   #3          megatron's RNG tracker is replaced by one that keeps CPU ``torch.Generator`` states, so

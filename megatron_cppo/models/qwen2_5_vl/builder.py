@@ -33,7 +33,7 @@ from megatron_cppo.models.qwen2_5_vl.config import (
 )
 from megatron_cppo.models.qwen2_5_vl.model import Qwen25VLModel
 from megatron_cppo.parallel.state import ParallelState
-from megatron_cppo.parallel.vision_dp import singleton_group
+from megatron_cppo.models.qwen2_5_vl.vision_dp import singleton_group
 
 
 class HalfPrecisionModule(Float16Module):

@@ -29,7 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLDims, ResolvedLayout
 from megatron_cppo.models.qwen2_5_vl.vision import Qwen25VisionModel
-from megatron_cppo.parallel.vision_dp import gather_rows, mark_replicated, split_images
+from megatron_cppo.models.qwen2_5_vl.vision_dp import gather_rows, mark_replicated, split_images
 
 _LM_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 
@@ -183,7 +183,7 @@ class Qwen25VLModel(MegatronModule):
             local_UE = self._dummy_image(pixel_PD)[:0]
         counts = [sum(patches_N[s:e]) // unit for s, e in ranges]
         # grad_scale = TP: megatron AVG-reduces these replicated weights' grads over TP (see
-        # parallel/vision_dp.py), which then equals the SUM of the per-rank partial gradients.
+        # vision_dp.py), which then equals the SUM of the per-rank partial gradients.
         return gather_rows(local_UE, counts, self.tp_group, grad_scale=tp)
 
 

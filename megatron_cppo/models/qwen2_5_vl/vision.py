@@ -21,7 +21,7 @@ boundaries (cu_seqlens) in the attention-mask slot and runs SDPA on segments pad
 
 TP: in "tp" mode every TransformerLayer and the projector are sharded over the TP group (heads,
 MLP width and merger width divide by TP); the patch embedding is replicated. In "dp_in_tp" mode the
-whole tower is built over a one-rank group (see ``megatron_cppo/parallel/vision_dp.py``).
+whole tower is built over a one-rank group (see ``vision_dp.py``).
 
 Shapes: P patches (rows of pixel_values), U = P / merge^2 merged tokens, C vision hidden, D head
 dim, E LM hidden, N images, K segments, L longest segment; x_PC, rope_PD, cu_K1 [K + 1] int32,
