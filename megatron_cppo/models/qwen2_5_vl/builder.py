@@ -92,7 +92,7 @@ def build_qwen2_5_vl(hf_config: Any, state: ParallelState,
             projector_config=projector_config if pre else None,
             pre_process=pre, post_process=post, pg_collection=state.pg_collection,
             vision_pg_collection=vision_pgc if pre else None,
-            vp_stage=vp if state.vpp_size else None)
+            vp_stage=vp if state.vpp_size else None, attention=settings.attention)
         # megatron allocates TP layers on the GPU unless use_cpu_initialization; the torch norms
         # and the patch embedding follow here (as megatron's get_model does)
         model.to(state.device)
