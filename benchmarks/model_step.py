@@ -3,7 +3,7 @@
     python benchmarks/model_step.py                                   # CPU: tiny model, 4 layouts
     python benchmarks/model_step.py --layouts 1,1 2,1 --reps 10
     python benchmarks/model_step.py --gpu --size 3B --seq 4096        # one GPU: real size, bf16
-    python benchmarks/model_step.py --gpu --forms padded packed --hf-baseline   # benchmarks/gpu_suite.sh
+    python benchmarks/model_step.py --gpu --forms padded packed --hf-baseline  # gpu_suite.sh
     python benchmarks/model_step.py --cpu-smoke                       # every path above, tiny, CPU
 
 CPU mode: the tiny random model of the parity tests (vision 3 blocks x 32, LM 4 layers x 64, GQA)

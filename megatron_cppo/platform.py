@@ -29,8 +29,8 @@ Two import-time problems are handled separately, each only where it occurs:
               the CUDA RNG state besides the CPU one and the tracker's: without CUDA, that part is
               an empty state and restoring it does nothing.
 
-Not covered (refused or unsupported on CPU): sequence parallelism with the local spec (#8), CUDA graphs,
-transformer-engine.
+Not covered (refused or unsupported on CPU): sequence parallelism with the local spec (#8), CUDA
+graphs, transformer-engine.
 """
 
 from __future__ import annotations
@@ -258,7 +258,8 @@ def activate() -> bool:
     _set(mrandom, "initialize_rng_tracker", _keep_cpu_tracker(mrandom.initialize_rng_tracker))
     # #10: activation recomputation saves and restores the CUDA RNG state next to the CPU one
     # (which it saves anyway, as do our tracker's states): without CUDA there is none.
-    _set(mrandom, "_get_cuda_rng_state", lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
+    _set(mrandom, "_get_cuda_rng_state",
+         lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
     _set(mrandom, "_set_cuda_rng_state", lambda *args, **kwargs: None)
 
     # Functions that dispatch on or assert CUDA type names. Module-level functions are replaced in

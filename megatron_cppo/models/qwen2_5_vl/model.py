@@ -15,6 +15,12 @@ gathered unless ``runtime_gather_output=True``, which returns [B, S, V] without 
 Padding columns of the vocabulary (where TP does not divide V) are set to -inf on the shard that
 holds them, so they are never sampled or scored.
 
+A micro-batch is either right-padded rows [B, S] or one packed row [1, T] of several samples
+(``packing.py``) with ``cu_seqlens``: the boundaries reach the core attention
+(``megatron_cppo/nn/attention.py``) through megatron's attention-mask argument on every stage, and
+each token carries its own M-RoPE ids. Nothing else differs (the images of a packed row are the
+samples' images in order, spliced as for padded rows).
+
 Shapes: ids_BS [micro-batch, seq], pos_3BS, pixel_PD [patches, patch_dim], grid_N3 [images, 3],
 emb_SBE [seq, batch, LM hidden], feats_UE [image tokens, LM hidden], logits_BSV.
 """

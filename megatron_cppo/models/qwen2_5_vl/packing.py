@@ -36,7 +36,8 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # int32 [K + 1]
     pixel_values: Optional[torch.Tensor] = None  # [P, patch_dim], samples' images in order
     image_grid_thw: Optional[torch.Tensor] = None  # [N, 3]
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # other per-token keys [1, T, ...]
+    # other per-token keys (labels, loss_mask, ...) [1, T, ...]
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
