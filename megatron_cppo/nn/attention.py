@@ -28,25 +28,20 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def _varlen():
-    """torch's varlen_attn and the keyword arguments this torch version supports, or None."""
+@functools.lru_cache(maxsize=None)
+def _varlen_cached():
+    """torch's varlen_attn and whether it takes ``enable_gqa`` / ``is_causal``, or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    except ImportError:  # an older torch
         return None
     params = inspect.signature(varlen_attn).parameters
     return varlen_attn, "enable_gqa" in params, "is_causal" in params
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_cached():
-    return _varlen()
 
 
 def use_flash_kernels(x: torch.Tensor) -> bool:
@@ -139,9 +134,7 @@ class _CoreAttention(torch.nn.Module):
             raise ValueError(f"attention_dropout {dropout} is not supported by "
                              f"{type(self).__name__} (the model configs set 0)")
         self.config = config
-        tp = pg_collection.tp.size() if pg_collection is not None else 1
-        self.heads = config.num_attention_heads // tp
-        self.groups = max(1, config.num_query_groups // tp)
+        # heads and groups per TP rank come with the tensors (megatron's Attention splits them)
         self.softmax_scale = (softmax_scale if softmax_scale is not None
                               else config.kv_channels ** -0.5)
 
