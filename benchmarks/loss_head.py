@@ -26,6 +26,8 @@ Variants:
   megatron_nograd  baseline (b) with the entropy under no_grad (the most favourable variant of (b):
                    CPPO uses the entropy only detached)
   gather           baseline (a): all-gather the full vocabulary, fp32 ``log_softmax`` + entropy
+  copy             the memory-bandwidth floor: a bf16 copy of the three logits shards (each byte
+                   read once and written once; no loss, no backward)
 
 On CUDA the table ends with the HBM floor: the three passes must read the bf16 logits once in forward
 and once in backward and write the bf16 gradient once, 9 x T x V/tp x 2 bytes per rank, at the
@@ -61,7 +63,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
-VARIANTS = ("cppo", "cppo_triton", "megatron", "megatron_nograd", "gather")
+VARIANTS = ("cppo", "cppo_triton", "megatron", "megatron_nograd", "gather", "copy")
 GIB = 1024 ** 3
 
 
@@ -225,6 +227,11 @@ def _step(variant, logits3, labels, group, chunk_size, num_seqs):
     from megatron_cppo.ops import log_probs_and_entropy
 
     clean, plus, minus = logits3
+    if variant == "copy":
+        with torch.no_grad():
+            copies = [x.detach().clone() for x in logits3]
+        del copies
+        return []
     if variant in ("cppo", "cppo_triton"):
         kw = dict(group=group, chunk_size=chunk_size, with_entropy=False,
                   impl="triton" if variant == "cppo_triton" else "torch")
@@ -377,8 +384,8 @@ def estimate_bytes(variant, tokens, vocab, tp, chunk_size, device):
 
     chunk = min(tokens, chunk_size or default_chunk_size(vocab // tp, device))
     # bytes per shard element, from measured peaks (T=1024, V=151,936, TP=2) plus a margin
-    factor = {"cppo": 2 + 12 * chunk / tokens, "cppo_triton": 2.5, "megatron": 8 * 4, "megatron_nograd": 5.5 * 4,
-              "gather": 7.5 * 4 * tp}[variant]
+    factor = {"cppo": 2 + 12 * chunk / tokens, "cppo_triton": 2.5, "megatron": 8 * 4,
+              "megatron_nograd": 5.5 * 4, "gather": 7.5 * 4 * tp, "copy": 3 * 2}[variant]
     return factor * shard + 3 * 2 * shard  # + the bf16 inputs
 
 
@@ -476,12 +483,13 @@ def _print_table(rows, args, device, floors=None):
             ratio_t = f"{r['time'] / ref['time']:.2f}" if ref else "-"
             cpu = f"{r['cpu_time']:.2f}" if r["cpu_time"] is not None else "-"
             ratio_c = f"{r['cpu_time'] / ref['cpu_time']:.2f}" if ref and ref["cpu_time"] else "-"
-            diff = max((x - y).abs().max().item() for x, y in zip(r["outputs"][:5],
-                                                                    first["outputs"][:5]))
+            diff = max(((x - y).abs().max().item() for x, y in zip(r["outputs"][:5],
+                                                                     first["outputs"][:5])),
+                       default=float("nan"))
             rss = f"{r['rss_peak'] / GIB:.2f}" if r["rss_peak"] is not None else "-"
             print(f"| {tokens} | {r['label']} | {r['peak'] / GIB:.3f} | {rss} | {r['time']:.4f} "
                   f"| {r['time_median']:.4f} | {cpu} | {ratio_m} | {ratio_t} | {ratio_c} "
-                  f"| {diff:.2e} |")
+                  f"| {'-' if diff != diff else f'{diff:.2e}'} |")
         if floors and tokens in floors:
             floor, bandwidth = floors[tokens]
             ratio_t = f"{floor / ref['time']:.3f}" if ref else "-"

@@ -3,13 +3,16 @@
     python benchmarks/model_step.py                                   # CPU: tiny model, 4 layouts
     python benchmarks/model_step.py --layouts 1,1 2,1 --reps 10
     python benchmarks/model_step.py --gpu --size 3B --seq 4096        # one GPU: real size, bf16
+    python benchmarks/model_step.py --gpu --forms padded packed --hf-baseline  # gpu_suite.sh
+    python benchmarks/model_step.py --cpu-smoke                       # every path above, tiny, CPU
 
 CPU mode: the tiny random model of the parity tests (vision 3 blocks x 32, LM 4 layers x 64, GQA)
 in fp32 at each (tp, pp) on gloo ranks spawned here; one step = megatron's pipeline schedule over
 4 micro-batches of 2 sequences of ``--seq`` tokens, each sequence with one image of
 ``--image-patches`` (h x w patches, h*w/4 image tokens). Prints the median step time per token and
-its ratio to (1, 1). On a 2-core machine every rank shares the same 2 cores: the ratios measure
-communication and scheduling overhead, not speed-up.
+its ratio to (1, 1), and rank 0's process CPU time per step (best of the reps: other jobs on a
+shared machine inflate wall time, much less CPU time). On a 2-core machine every rank shares the
+same 2 cores: the ratios measure communication and scheduling overhead, not speed-up.
 
 GPU mode: a random-weight model with the dimensions of Qwen2.5-VL-3B (or 7B), bf16
 (HalfPrecisionModule), ``--seq`` tokens per sequence of which one image of ``--image-patches``,
@@ -20,6 +23,12 @@ bf16 peak (``--peak-tflops``, 989 for H100/H200 SXM). Model FLOPs (fwd + bwd = 3
   ViT   2 * P * (block matmul params * depth) + merger + patch embed, + 2 * 2 * C * (P * window
         patches for windowed blocks, P_img^2 for full-attention blocks)
 (no recomputation counted).
+
+Forms: "padded" micro-batches are [batch, seq] rows; "packed" the same sequences back to back in
+one row with cu_seqlens (megatron_cppo.models.qwen2_5_vl.packing): the same tokens and FLOPs.
+``--hf-baseline`` also times transformers' Qwen2_5_VLForConditionalGeneration (attention "sdpa",
+random weights, same micro-batches, padded) in its own process, and the table gives each run's
+time relative to it.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
 
 from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
@@ -43,24 +53,17 @@ from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
 
 def tiny_hf_config():
-    """The parity tests' tiny untied model (tests/models/tiny_qwen.py), restated here."""
-    from transformers import Qwen2_5_VLConfig
+    """The tests' tiny untied model (tests/models/tiny_qwen.py), with room for long sequences."""
+    sys.path.insert(0, os.path.join(REPO, "tests", "models"))
+    import tiny_qwen
 
-    text = dict(vocab_size=1536, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                max_position_embeddings=8192, bos_token_id=0, eos_token_id=1,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [2, 3, 3]})
-    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, in_channels=3,
-                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
-                  fullatt_block_indexes=[1], out_hidden_size=64, hidden_act="silu")
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=1502,
-                            video_token_id=1503, vision_start_token_id=1500,
-                            vision_end_token_id=1501)
+    return tiny_qwen.hf_config(tied=False, max_position_embeddings=8192)
 
 
-def make_microbatches(hf_config, *, num_mb, batch, seq, image_hw, seed=0):
-    """Micro-batches of ``batch`` sequences of ``seq`` tokens, each with one image_hw image."""
+def make_microbatches(hf_config, *, num_mb, batch, seq, image_hw, seed=0, packed=False):
+    """Micro-batches of ``batch`` sequences of ``seq`` tokens, each with one image_hw image:
+    [batch, seq] rows, or (``packed``) the same sequences back to back in one row [1, batch * seq]
+    with ``cu_seqlens`` and each sequence's own M-RoPE ids (the same tokens and work)."""
     from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig, mrope_position_ids_batch
 
     g = torch.Generator().manual_seed(seed)
@@ -81,8 +84,13 @@ def make_microbatches(hf_config, *, num_mb, batch, seq, image_hw, seed=0):
         grid = torch.tensor([[1, h, w]] * batch)
         pos, _ = mrope_position_ids_batch(ids, rope, image_grid_N3=grid)
         labels = torch.roll(ids, -1, dims=1)
-        out.append(dict(input_ids=ids, position_ids=pos, labels=labels, image_grid_thw=grid,
-                        pixel_values=torch.randn(batch * h * w, patch_dim, generator=g)))
+        mb = dict(input_ids=ids, position_ids=pos, labels=labels, image_grid_thw=grid,
+                  pixel_values=torch.randn(batch * h * w, patch_dim, generator=g))
+        if packed:
+            mb.update(input_ids=ids.reshape(1, -1), labels=labels.reshape(1, -1),
+                      position_ids=pos.reshape(3, 1, -1),
+                      cu_seqlens=torch.arange(0, batch * seq + 1, seq, dtype=torch.int32))
+        out.append(mb)
     return out
 
 
@@ -113,8 +121,8 @@ def model_flops(hf_config, *, tokens_per_seq, num_seqs, image_hw) -> float:
 
 
 def _worker(cfg):
-    """One rank (env:// variables set by megatron_cppo.parallel.launch); rank 0 returns the
-    timings, the others None."""
+    """One rank (env:// variables set by megatron_cppo.parallel.launch): build the model once, time
+    each of ``cfg["forms"]`` ("padded", "packed"); rank 0 returns the timings, the others None."""
     rank = int(os.environ["RANK"])
     cuda = cfg["gpu"]
     if not cuda:
@@ -131,41 +139,110 @@ def _worker(cfg):
     hf = reference_hf_config(cfg["size"]) if cuda else tiny_hf_config()
     settings = Qwen25VLModelConfig(
         dtype="bf16" if cuda else "fp32", perform_initialization=True,
-        use_cpu_initialization=not cuda, vision_parallel_mode=cfg["vision_mode"])
+        use_cpu_initialization=not cuda, vision_parallel_mode=cfg["vision_mode"],
+        attention=cfg["attention"], **cfg["recompute"])
     chunks = build_qwen2_5_vl(hf, state, settings)
-    mbs = make_microbatches(hf, num_mb=cfg["num_mb"], batch=cfg["batch"], seq=cfg["seq"],
-                            image_hw=cfg["image_hw"])
-    mbs = [{k: v.to(state.device) for k, v in mb.items()} for mb in mbs]
+    results = {}
 
     def loss_head(mb, logits_BSV):
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits_BSV.float(),
                                                             mb["labels"]).mean()
         return loss, {"loss": loss.detach()}
 
+    for form in cfg["forms"]:
+        mbs = make_microbatches(hf, num_mb=cfg["num_mb"], batch=cfg["batch"], seq=cfg["seq"],
+                                image_hw=cfg["image_hw"], packed=form == "packed")
+        mbs = [{k: v.to(state.device) for k, v in mb.items()} for mb in mbs]
+
+        def step():
+            for c in chunks:
+                c.zero_grad(set_to_none=True)
+            run_pipeline(chunks, mbs, loss_head)
+            if cuda:
+                torch.cuda.synchronize()
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, cpu_times = [], []
+        for i in range(cfg["warmup"] + cfg["reps"]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            if i >= cfg["warmup"]:
+                times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+        results[form] = dict(step_s=statistics.median(times), times=times, peak_gib=peak,
+                             cpu_s=min(cpu_times))
+        del mbs
+    destroy_parallel()
+    return results if rank == 0 else None
+
+
+def _hf_worker(cfg):
+    """transformers' Qwen2_5_VLForConditionalGeneration (sdpa attention, random weights; bf16 on
+    CUDA, fp32 on CPU) on the same micro-batches as the padded run: fwd + bwd with a token-mean
+    cross entropy on fp32 logits, one process, no parallelism."""
+    import inspect
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_cppo.models.qwen2_5_vl.config import reference_hf_config
+
+    cuda = cfg["gpu"]
+    if not cuda:
+        torch.set_num_threads(cfg["threads"])
+    hf = reference_hf_config(cfg["size"]) if cuda else tiny_hf_config()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    with device:
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            hf, attn_implementation="sdpa", dtype=torch.bfloat16 if cuda else torch.float32)
+    model.train()
+    takes_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
+    mbs = make_microbatches(hf, num_mb=cfg["num_mb"], batch=cfg["batch"], seq=cfg["seq"],
+                            image_hw=cfg["image_hw"])
+
     def step():
-        for c in chunks:
-            c.zero_grad(set_to_none=True)
-        run_pipeline(chunks, mbs, loss_head)
+        model.zero_grad(set_to_none=True)
+        for mb in mbs:
+            ids = mb["input_ids"].to(device)
+            kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          pixel_values=mb["pixel_values"].to(device, model.dtype),
+                          image_grid_thw=mb["image_grid_thw"].to(device))
+            if takes_types:  # transformers 5.x builds 3-D M-RoPE ids only with it
+                kwargs["mm_token_type_ids"] = (ids == hf.image_token_id).long()
+            logits = model(**kwargs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                                     mb["labels"].to(device).flatten())
+            (loss / len(mbs)).backward()
+            del logits, loss
         if cuda:
             torch.cuda.synchronize()
 
-    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu_times = [], []
     for i in range(cfg["warmup"] + cfg["reps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if i >= cfg["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-    destroy_parallel()
-    if rank == 0:
-        return dict(step_s=statistics.median(times), times=times, peak_gib=peak)
-    return None
+    return dict(step_s=statistics.median(times), times=times, peak_gib=peak,
+                cpu_s=min(cpu_times))
 
 
 def measure(cfg: dict) -> dict:
+    """{form: timings} of one layout (spawned ranks)."""
     world = cfg["tp"] * cfg["pp"]
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
     return run_local_ranks(_worker, world, args=(cfg,))[0]
+
+
+def measure_hf(cfg: dict) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg["threads"]))
+    return run_local_ranks(_hf_worker, 1, args=(cfg,))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +251,9 @@ def measure(cfg: dict) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="real-size model in bf16 on CUDA GPUs")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny CPU run of every code path of the GPU suite (padded, packed, the "
+                        "transformers baseline) at (1, 1), 1 rep: checks, not timings")
     p.add_argument("--size", default="3B", choices=("3B", "7B"), help="GPU mode model size")
     p.add_argument("--layouts", nargs="+", default=None,
                    help="tp,pp pairs (default CPU: 1,1 2,1 1,2 2,2; GPU: 1,1)")
@@ -184,6 +264,15 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="sequences per micro-batch "
                    "(default CPU 2, GPU 1)")
     p.add_argument("--num-mb", type=int, default=4, help="micro-batches per step")
+    p.add_argument("--forms", nargs="+", default=["padded"], choices=("padded", "packed"),
+                   help="micro-batch forms: padded [B, S] rows and/or one packed row (same work)")
+    p.add_argument("--attention", default="auto", choices=("auto", "torch", "local"),
+                   help="language-model core attention (Qwen25VLModelConfig.attention)")
+    p.add_argument("--recompute-granularity", default=None, choices=("selective", "full"))
+    p.add_argument("--recompute-method", default=None, choices=("uniform", "block"))
+    p.add_argument("--recompute-num-layers", type=int, default=None)
+    p.add_argument("--hf-baseline", action="store_true",
+                   help="also time transformers' Qwen2.5-VL (sdpa) on the padded micro-batches")
     p.add_argument("--vision-mode", default="auto", choices=("auto", "tp", "dp_in_tp"))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -194,13 +283,21 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.gpu and not torch.cuda.is_available():
         p.error("--gpu needs CUDA")
+    if a.gpu and a.cpu_smoke:
+        p.error("--cpu-smoke and --gpu exclude each other")
+    if a.cpu_smoke:
+        a.layouts, a.forms, a.hf_baseline = ["1,1"], ["padded", "packed"], True
+        a.seq, a.image_patches, a.batch, a.num_mb = a.seq or 64, a.image_patches or "8,8", 2, 2
+        a.reps, a.warmup = 1, 0
     seq = a.seq or (4096 if a.gpu else 256)
     image_hw = tuple(int(x) for x in (a.image_patches or ("64,64" if a.gpu else "16,16"))
                      .split(","))
     batch = a.batch or (1 if a.gpu else 2)
     layouts = [tuple(int(x) for x in s.split(",")) for s in
                (a.layouts or (["1,1"] if a.gpu else ["1,1", "2,1", "1,2", "2,2"]))]
-    hf = None
+    recompute = {k: v for k, v in (("recompute_granularity", a.recompute_granularity),
+                                   ("recompute_method", a.recompute_method),
+                                   ("recompute_num_layers", a.recompute_num_layers)) if v}
     if a.gpu:
         from megatron_cppo.models.qwen2_5_vl.config import reference_hf_config
 
@@ -209,30 +306,56 @@ def main(argv=None):
         hf = tiny_hf_config()
     flops = model_flops(hf, tokens_per_seq=seq, num_seqs=batch * a.num_mb, image_hw=image_hw)
     tokens = seq * batch * a.num_mb
-    rows, base = [], None
-    print(f"{'gpu ' + a.size + ' bf16' if a.gpu else 'cpu tiny fp32'}: {a.num_mb} micro-batches "
-          f"x {batch} x {seq} tokens, image {image_hw[0]}x{image_hw[1]} patches per sequence, "
-          f"{a.reps} reps (median)")
-    for tp, pp in layouts:
-        cfg = dict(gpu=a.gpu, size=a.size, tp=tp, pp=pp, seq=seq, image_hw=image_hw, batch=batch,
-                   num_mb=a.num_mb, vision_mode=a.vision_mode, reps=a.reps, warmup=a.warmup,
-                   threads=a.threads)
-        r = measure(cfg)
-        per_tok_us = r["step_s"] / tokens * 1e6
-        base = base or per_tok_us
-        row = dict(tp=tp, pp=pp, step_s=r["step_s"], us_per_token=per_tok_us,
-                   rel_to_first=per_tok_us / base, tokens_per_s=tokens / r["step_s"])
-        if a.gpu:
-            row.update(mfu=flops / r["step_s"] / (a.peak_tflops * 1e12 * tp * pp),
-                       peak_gib=r["peak_gib"])
+    what = f"gpu {a.size} bf16" if a.gpu else "cpu tiny fp32"
+    print(f"{what}: {a.num_mb} micro-batches x {batch} x {seq} tokens, image {image_hw[0]}x"
+          f"{image_hw[1]} patches per sequence, attention {a.attention}, "
+          f"{'recompute ' + str(recompute) + ', ' if recompute else ''}{a.reps} reps (median)",
+          flush=True)
+    base_cfg = dict(gpu=a.gpu, size=a.size, seq=seq, image_hw=image_hw, batch=batch,
+                    num_mb=a.num_mb, vision_mode=a.vision_mode, reps=a.reps, warmup=a.warmup,
+                    threads=a.threads, attention=a.attention, recompute=recompute,
+                    forms=a.forms)
+    rows = []
+
+    def add_row(name, tp, pp, r):
+        row = dict(name=name, tp=tp, pp=pp, step_s=r["step_s"], us_per_token=r["step_s"] / tokens
+                   * 1e6, tokens_per_s=tokens / r["step_s"],
+                   mfu=flops / r["step_s"] / (a.peak_tflops * 1e12 * tp * pp) if a.gpu else None,
+                   peak_gib=r["peak_gib"], cpu_s=r["cpu_s"])
+        row["rel_to_first"] = row["us_per_token"] / rows[0]["us_per_token"] if rows else 1.0
         rows.append(row)
-        extra = f"  MFU {row['mfu']:.1%}  peak {row['peak_gib']:.1f} GiB" if a.gpu else ""
-        print(f"  tp={tp} pp={pp}: step {r['step_s'] * 1e3:8.1f} ms  {per_tok_us:8.2f} us/token  "
-              f"x{row['rel_to_first']:.2f} vs first  {row['tokens_per_s']:9.0f} tokens/s{extra}",
-              flush=True)
+        extra = (f"  MFU {row['mfu']:.1%}  peak {row['peak_gib']:.1f} GiB" if a.gpu
+                 else f"  rank-0 CPU time {r['cpu_s'] * 1e3:.1f} ms (best)")
+        print(f"  {name} tp={tp} pp={pp}: step {r['step_s'] * 1e3:8.1f} ms  "
+              f"{row['us_per_token']:8.2f} us/token  x{row['rel_to_first']:.2f} vs first  "
+              f"{row['tokens_per_s']:9.0f} tokens/s{extra}", flush=True)
+
+    for tp, pp in layouts:
+        res = measure(dict(base_cfg, tp=tp, pp=pp))
+        for form in a.forms:
+            add_row(f"megatron_cppo {form}", tp, pp, res[form])
+    if a.hf_baseline:
+        add_row("transformers sdpa", 1, 1, measure_hf(base_cfg))
+    _print_table(rows, what, a.gpu)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(args=vars(a), model_flops_per_step=flops, rows=rows), f, indent=1)
+    return rows
+
+
+def _print_table(rows, what, gpu):
+    hf = next((r for r in rows if r["name"].startswith("transformers")), None)
+    print(f"\nmodel step (fwd + bwd), {what}")
+    print("| run | tp | pp | step ms (median) | rank-0 CPU ms (best) | tokens/s "
+          "| time / transformers | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['step_s'] / hf['step_s']:.2f}" if hf else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        print(f"| {r['name']} | {r['tp']} | {r['pp']} | {r['step_s'] * 1e3:.1f} "
+              f"| {r['cpu_s'] * 1e3:.1f} "
+              f"| {r['tokens_per_s']:.0f} | {ratio} | {mfu} | {peak} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """CPU platform layer: what megatron-core needs to run on a machine without CUDA (gloo, fp32/bf16).
 
-megatron-core assumes CUDA in many places (../shared/notes/megatron-on-cpu.md lists each one found; the
-numbers below refer to that table). On a machine with CUDA none of this is applied: ``activate()``
-returns False and touches nothing. On a CPU-only machine ``activate()`` applies, once:
+megatron-core assumes CUDA in many places; docs/megatron-on-cpu.md lists each one and why it fails
+(the numbers below are the rows of its table). On a machine with CUDA none of this is applied:
+``activate()`` returns False and touches nothing. On a CPU-only machine ``activate()`` applies, once:
 
-  #2, #6, #9  ``torch.cuda.current_device`` returns the CPU device; ``current_stream``,
+  #2, #5, #6, #9  ``torch.cuda.current_device`` returns the CPU device; ``current_stream``,
               ``default_stream``, ``Stream``, ``stream``, ``Event`` and ``synchronize`` become inert
               objects (there is one in-order "stream" on a CPU, so waiting on it is a no-op).
   #3          megatron's RNG tracker is replaced by one that keeps CPU ``torch.Generator`` states, so
@@ -25,8 +25,12 @@ Two import-time problems are handled separately, each only where it occurs:
   * qwen-vl-utils imports torchvision at module level, and no torchvision works with the CPU torch
     build. ``import_qwen_vl_utils()`` provides a stand-in only for the duration of that import.
 
-Not covered (refused or unsupported on CPU): sequence parallelism with the local spec (#8), CUDA graphs,
-transformer-engine, activation recomputation that saves CUDA RNG states.
+  #10         activation recomputation (megatron's ``tensor_parallel.checkpoint``) saves and restores
+              the CUDA RNG state besides the CPU one and the tracker's: without CUDA, that part is
+              an empty state and restoring it does nothing.
+
+Not covered (refused or unsupported on CPU): sequence parallelism with the local spec (#8), CUDA
+graphs, transformer-engine.
 """
 
 from __future__ import annotations
@@ -252,6 +256,11 @@ def activate() -> bool:
     _set(mrandom, "_CUDA_RNG_STATE_TRACKER", tracker_cls())
     _set(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
     _set(mrandom, "initialize_rng_tracker", _keep_cpu_tracker(mrandom.initialize_rng_tracker))
+    # #10: activation recomputation saves and restores the CUDA RNG state next to the CPU one
+    # (which it saves anyway, as do our tracker's states): without CUDA there is none.
+    _set(mrandom, "_get_cuda_rng_state",
+         lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8))
+    _set(mrandom, "_set_cuda_rng_state", lambda *args, **kwargs: None)
 
     # Functions that dispatch on or assert CUDA type names. Module-level functions are replaced in
     # every module that imported them by name; constructors are replaced on the class.

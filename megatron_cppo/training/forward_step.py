@@ -4,7 +4,9 @@
 
 Each micro-batch is a dict with ``input_ids`` [B, S], ``position_ids`` [3, B, S] (M-RoPE, every
 stage), and optionally ``pixel_values`` [P, patch_dim] / ``image_grid_thw`` [N, 3] (the images of
-the micro-batch's rows in row order; the first stage only), plus whatever the loss head reads.
+the micro-batch's rows in row order; the first stage only), optionally ``cu_seqlens`` [N + 1] for a
+packed micro-batch (B = 1, sequences back to back; models/qwen2_5_vl/packing.py), plus whatever
+the loss head reads.
 Per stage: the first stage takes ids and pixels, later stages only positions (hidden states arrive
 through the pipeline); the last stage's chunk returns vocab-sharded logits [B, S, Vp/TP] that go to
 ``loss_head(microbatch, logits_BSV) -> (loss, metrics)``.
@@ -41,7 +43,8 @@ def chunk_forward(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
         pre_process=unwrap(chunk).pre_process)
     return chunk(inputs.get("input_ids"), mb["position_ids"],
                  pixel_values=inputs.get("pixel_values"),
-                 image_grid_thw=inputs.get("image_grid_thw"))
+                 image_grid_thw=inputs.get("image_grid_thw"),
+                 cu_seqlens=mb.get("cu_seqlens"))
 
 
 def run_pipeline(chunks: Sequence[torch.nn.Module], microbatches: Sequence[dict],

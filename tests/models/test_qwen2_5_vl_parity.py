@@ -64,7 +64,7 @@ def _check_layout(state, root, runs, fixed_seq_length=None):
         unwrap,
     )
     from megatron_cppo.models.qwen2_5_vl.mapping import normalize_hf_state_dict
-    from megatron_cppo.parallel.vision_dp import allreduce_replicated_grads
+    from megatron_cppo.models.qwen2_5_vl.vision_dp import allreduce_replicated_grads
     from megatron_cppo.training.forward_step import run_pipeline
 
     results = {}
@@ -240,8 +240,9 @@ def test_reference_is_meaningful(case_root):
 
 
 def test_loss_and_grad_norm_equal_across_layouts(case_root):
-    """The replay invariant (style.md #6): one recorded batch gives the same loss (abs 1e-5) and
-    gradient norm (rel 1e-5) at every layout, vision mode and pipeline split."""
+    """The replay invariant (docs/qwen2_5_vl.md, "A tiny test model"): one recorded batch gives
+    the same loss (abs 1e-5) and gradient norm (rel 1e-5) at every layout, vision mode and
+    pipeline split."""
     rows: dict = {}
     for launch in LAUNCHES:
         for (variant, mode, tag), r in _layout_results(case_root, launch).items():

@@ -1,4 +1,5 @@
-"""The dp_in_tp primitive (megatron_cppo/parallel/vision_dp.py): image split and the row all-gather.
+"""The dp_in_tp primitive (megatron_cppo/models/qwen2_5_vl/vision_dp.py): image split and the row
+all-gather.
 
 ``split_images`` is pure. ``gather_rows`` runs on 2 gloo ranks against the single-process
 computation: forward = rows of all ranks in rank order (uneven counts, a rank with no rows);
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from distributed import run_on_ranks
-from megatron_cppo.parallel.vision_dp import split_images
+from megatron_cppo.models.qwen2_5_vl.vision_dp import split_images
 
 
 def test_split_images_contiguous_and_balanced():
@@ -29,7 +30,7 @@ def test_split_images_contiguous_and_balanced():
 def _gather_check(ranks):
     import torch.distributed as dist
 
-    from megatron_cppo.parallel.vision_dp import (
+    from megatron_cppo.models.qwen2_5_vl.vision_dp import (
         allreduce_replicated_grads,
         gather_rows,
         mark_replicated,

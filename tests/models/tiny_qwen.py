@@ -1,9 +1,11 @@
 """Tiny random Qwen2.5-VL configs, checkpoints and batches, built locally (no hub access).
 
-The configs exercise every code path the real model has (style.md trap 6): 3 ViT blocks with block 1
-full attention and blocks 0, 2 windowed; images wider than one window (window 56 px = 2 x 2 merged
-tokens) of several sizes; GQA (4 heads, 2 KV groups); 4 LM layers (2 per stage at PP=2); tied and
-untied embeddings; a vocabulary that TP=2 does not divide (tied variant: 1531 rows, padded to 1532).
+This is the one tiny test configuration of the repository (tests, converter tests and the CPU
+benchmarks import it). It exercises every code path the real model has (docs/qwen2_5_vl.md, "A
+tiny test model"): 3 ViT blocks with block 1 full attention and blocks 0, 2 windowed; images wider
+than one window (window 56 px = 2 x 2 merged tokens) of several sizes; GQA (4 heads, 2 KV
+groups); 4 LM layers (2 per stage at PP=2); tied and untied embeddings; a vocabulary that TP=2
+does not divide (tied variant: 1531 rows, padded to 1532).
 
 The recorded batch is 4 micro-batches (4: megatron's interleaved schedule at PP=2) of 2
 right-padded samples, of different sequence lengths:
@@ -25,14 +27,14 @@ TEXT_TOKENS = 1400  # text token ids are drawn from [2, TEXT_TOKENS)
 
 def hf_config(*, tied: bool, vocab_size: int | None = None, depth: int = 3,
               fullatt=(1,), vision_intermediate: int = 48, num_layers: int = 4,
-              kv_heads: int = 2):
+              kv_heads: int = 2, max_position_embeddings: int = 512):
     from transformers import Qwen2_5_VLConfig
 
     vocab = vocab_size or (1531 if tied else 1536)
     text = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
-        max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+        max_position_embeddings=max_position_embeddings, bos_token_id=0, eos_token_id=1,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                          "mrope_section": [2, 3, 3]},
         tie_word_embeddings=tied)

@@ -33,7 +33,7 @@ from megatron_cppo.models.qwen2_5_vl.config import (
 )
 from megatron_cppo.models.qwen2_5_vl.model import Qwen25VLModel
 from megatron_cppo.parallel.state import ParallelState
-from megatron_cppo.parallel.vision_dp import singleton_group
+from megatron_cppo.models.qwen2_5_vl.vision_dp import singleton_group
 
 
 class HalfPrecisionModule(Float16Module):
@@ -121,7 +121,7 @@ def build_qwen2_5_vl(hf_config: Any, state: ParallelState,
             projector_config=projector_config if pre else None,
             pre_process=pre, post_process=post, pg_collection=state.pg_collection,
             vision_pg_collection=vision_pgc if pre else None,
-            vp_stage=vp if state.vpp_size else None)
+            vp_stage=vp if state.vpp_size else None, attention=settings.attention)
         # megatron allocates TP layers on the GPU unless use_cpu_initialization; the torch norms
         # and the patch embedding follow here (as megatron's get_model does)
         model.to(state.device)

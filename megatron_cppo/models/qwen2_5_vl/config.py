@@ -27,6 +27,7 @@ from megatron_cppo.parallel.state import ParallelConfig, check_model_divisibilit
 VISION_RMSNORM_EPS = 1e-6
 
 VISION_PARALLEL_MODES = ("auto", "tp", "dp_in_tp")
+ATTENTION_CHOICES = ("auto", "torch", "local")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -198,6 +199,18 @@ class Qwen25VLModelConfig:
     # Random initialisation (benchmarks); off when HF weights are loaded afterwards.
     perform_initialization: bool = False
     use_cpu_initialization: bool = True
+    # Core attention of the language model (megatron_cppo/nn/attention.py): "auto" (= "torch":
+    # flash / varlen kernels on CUDA in bf16, SDPA elsewhere; packed sequences supported) or
+    # "local" (megatron's DotProductAttention: padded rows only, materialises S x S scores).
+    attention: str = "auto"
+    # Activation recomputation of the language model (megatron's options, as the trainer's
+    # --recompute-granularity / --recompute-method / --recompute-num-layers): granularity
+    # "selective" (core attention recomputed in backward) or "full" (whole layers; then method
+    # "uniform" (groups of recompute_num_layers layers) or "block" (the first
+    # recompute_num_layers layers of each pipeline stage) and recompute_num_layers are required).
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
     def __post_init__(self):
         if self.vision_parallel_mode not in VISION_PARALLEL_MODES:
@@ -209,6 +222,29 @@ class Qwen25VLModelConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got "
+                             f"{self.attention!r}")
+        self._validate_recompute()
+
+    def _validate_recompute(self) -> None:
+        granularity, method, num = (self.recompute_granularity, self.recompute_method,
+                                    self.recompute_num_layers)
+        if granularity not in (None, "selective", "full"):
+            raise ValueError(f"recompute_granularity must be None, 'selective' or 'full', got "
+                             f"{granularity!r}")
+        if method not in (None, "uniform", "block"):
+            raise ValueError(f"recompute_method must be None, 'uniform' or 'block', got "
+                             f"{method!r}")
+        if num is not None and (not isinstance(num, int) or num < 1):
+            raise ValueError(f"recompute_num_layers must be a positive integer or None, got "
+                             f"{num!r}")
+        if granularity == "full" and (method is None or num is None):
+            raise ValueError("recompute_granularity 'full' needs recompute_method ('uniform' or "
+                             "'block') and recompute_num_layers")
+        if granularity != "full" and (method is not None or num is not None):
+            raise ValueError("recompute_method / recompute_num_layers apply only to "
+                             "recompute_granularity 'full'")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -402,6 +438,9 @@ def language_transformer_config(dims: Qwen25VLDims, settings: Qwen25VLModelConfi
         variable_seq_lengths=(settings.variable_seq_lengths
                               and parallel.pipeline_model_parallel_size > 1),
         moe_token_dispatcher_type="alltoall",
+        recompute_granularity=settings.recompute_granularity,
+        recompute_method=settings.recompute_method,
+        recompute_num_layers=settings.recompute_num_layers,
         **_common(settings, parallel),
     )
 

@@ -15,6 +15,12 @@ gathered unless ``runtime_gather_output=True``, which returns [B, S, V] without 
 Padding columns of the vocabulary (where TP does not divide V) are set to -inf on the shard that
 holds them, so they are never sampled or scored.
 
+A micro-batch is either right-padded rows [B, S] or one packed row [1, T] of several samples
+(``packing.py``) with ``cu_seqlens``: the boundaries reach the core attention
+(``megatron_cppo/nn/attention.py``) through megatron's attention-mask argument on every stage, and
+each token carries its own M-RoPE ids. Nothing else differs (the images of a packed row are the
+samples' images in order, spliced as for padded rows).
+
 Shapes: ids_BS [micro-batch, seq], pos_3BS, pixel_PD [patches, patch_dim], grid_N3 [images, 3],
 emb_SBE [seq, batch, LM hidden], feats_UE [image tokens, LM hidden], logits_BSV.
 """
@@ -29,7 +35,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLDims, ResolvedLayout
 from megatron_cppo.models.qwen2_5_vl.vision import Qwen25VisionModel
-from megatron_cppo.parallel.vision_dp import gather_rows, mark_replicated, split_images
+from megatron_cppo.models.qwen2_5_vl.vision_dp import gather_rows, mark_replicated, split_images
 
 _LM_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 
@@ -43,11 +49,13 @@ class Qwen25VLModel(MegatronModule):
 
     def __init__(self, *, dims: Qwen25VLDims, layout: ResolvedLayout, lm_config,
                  vit_config=None, projector_config=None, pre_process: bool, post_process: bool,
-                 pg_collection, vision_pg_collection=None, vp_stage: Optional[int] = None):
+                 pg_collection, vision_pg_collection=None, vp_stage: Optional[int] = None,
+                 attention: str = "auto"):
         super().__init__(config=lm_config)
         from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        from megatron_cppo.nn.attention import language_layer_spec
 
         self.dims = dims
         self.layout = layout
@@ -58,9 +66,10 @@ class Qwen25VLModel(MegatronModule):
         self.tp_group = pg_collection.tp
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = dims.text.tie_word_embeddings
+        self.supports_packed = attention != "local"
         self.language_model = GPTModel(
             config=lm_config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            transformer_layer_spec=language_layer_spec(attention),
             vocab_size=layout.padded_vocab_size,
             max_sequence_length=dims.text.max_position_embeddings,
             pre_process=pre_process, post_process=post_process,
@@ -100,13 +109,20 @@ class Qwen25VLModel(MegatronModule):
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: torch.Tensor, *,
                 pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None,
                 runtime_gather_output: bool = False) -> torch.Tensor:
         """input_ids [B, S] (first stage), position_ids [3, B, S] M-RoPE ids (every stage),
         pixel_values [P, patch_dim] and image_grid_thw [N, 3] (first stage, images of the whole
         micro-batch in sample order). Attention is causal over right-padded rows (padding needs
         no mask: no valid token attends to a later position).
 
+        Packed micro-batch (``packing.pack_samples``): B = 1, S = T tokens of several samples
+        back to back, ``cu_seqlens`` int32 [K + 1] their boundaries (every stage), position_ids
+        each token's own M-RoPE ids; attention stays within each sample.
+
         Returns logits [B, S, Vp/TP] on the last stage, hidden states [S, B, E] elsewhere."""
+        if cu_seqlens is not None:
+            self._check_packed(cu_seqlens, position_ids)
         decoder_input = None
         if self.pre_process:
             if input_ids is None:
@@ -117,12 +133,25 @@ class Qwen25VLModel(MegatronModule):
                              "(drop them with stage_inputs())")
         if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError("position_ids must be the [3, B, S] M-RoPE ids")
-        out = self.language_model(None, position_ids, None,
+        out = self.language_model(None, position_ids, cu_seqlens,
                                   decoder_input=decoder_input,
                                   runtime_gather_output=runtime_gather_output)
         if not self.post_process:
             return out
         return self._mask_vocab_padding(out, gathered=runtime_gather_output)
+
+    def _check_packed(self, cu_K1: torch.Tensor, position_ids: torch.Tensor) -> None:
+        if not self.supports_packed:
+            raise ValueError("packed sequences (cu_seqlens) need attention 'auto' or 'torch', "
+                             "not 'local'")
+        if cu_K1.dim() != 1 or cu_K1.dtype not in (torch.int32, torch.int64) \
+                or cu_K1.numel() < 2:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor [samples + 1]")
+        if position_ids is None or position_ids.dim() != 3 or position_ids.shape[1] != 1:
+            raise ValueError("a packed micro-batch has batch dimension 1: position_ids [3, 1, T]")
+        if int(cu_K1[0]) != 0 or int(cu_K1[-1]) != position_ids.shape[2]:
+            raise ValueError(f"cu_seqlens must run from 0 to the packed length "
+                             f"{position_ids.shape[2]}, got {cu_K1.tolist()}")
 
     def _mask_vocab_padding(self, logits_BSV: torch.Tensor, gathered: bool) -> torch.Tensor:
         vocab, padded = self.dims.text.vocab_size, self.layout.padded_vocab_size
@@ -183,7 +212,7 @@ class Qwen25VLModel(MegatronModule):
             local_UE = self._dummy_image(pixel_PD)[:0]
         counts = [sum(patches_N[s:e]) // unit for s, e in ranges]
         # grad_scale = TP: megatron AVG-reduces these replicated weights' grads over TP (see
-        # parallel/vision_dp.py), which then equals the SUM of the per-rank partial gradients.
+        # vision_dp.py), which then equals the SUM of the per-rank partial gradients.
         return gather_rows(local_UE, counts, self.tp_group, grad_scale=tp)
 
 

@@ -16,12 +16,13 @@ One call, with HF's semantics (transformers 5.23 ``modeling_qwen2_5_vl.py``, ``v
 
 Attention within segments has no megatron-core CPU kernel (the local DotProductAttention refuses
 packed sequences; THD rotary in megatron restarts positions per segment, wrong for the absolute
-vision rotary). ``SegmentAttention`` is a core-attention module that receives the segment
-boundaries (cu_seqlens) in the attention-mask slot and runs SDPA on segments padded to the longest.
+vision rotary). ``megatron_cppo.nn.attention.SegmentCoreAttention`` receives the segment boundaries
+(cu_seqlens) in the attention-mask slot: variable-length flash attention on CUDA in bf16, SDPA on
+segments padded to the longest elsewhere.
 
 TP: in "tp" mode every TransformerLayer and the projector are sharded over the TP group (heads,
 MLP width and merger width divide by TP); the patch embedding is replicated. In "dp_in_tp" mode the
-whole tower is built over a one-rank group (see ``megatron_cppo/parallel/vision_dp.py``).
+whole tower is built over a one-rank group (see ``vision_dp.py``).
 
 Shapes: P patches (rows of pixel_values), U = P / merge^2 merged tokens, C vision hidden, D head
 dim, E LM hidden, N images, K segments, L longest segment; x_PC, rope_PD, cu_K1 [K + 1] int32,
@@ -29,8 +30,6 @@ grid_N3 (t, h, w) in patches.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from typing import Optional
 
@@ -95,67 +94,16 @@ def frame_cu_seqlens(grid_N3: torch.Tensor) -> torch.Tensor:
     return F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
 
 
-# ----------------------------------------------------------------------------------------------
-# core attention within segments
-
-
-class SegmentAttention(torch.nn.Module):
-    """Bidirectional attention within segments: a megatron core-attention module.
-
-    ``forward(query [S, 1, h, D], key [S, 1, g, D], value, cu_seqlens, ...)``: the attention-mask
-    argument carries the segment boundaries (int32 [K + 1]); returns [S, 1, h * D]. Segments are
-    gathered into [K, L, h, D] with a key-padding mask and run through SDPA (padded query rows
-    still see their segment's keys, so nothing is NaN; they are dropped)."""
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-                 pg_collection=None):
-        super().__init__()
-        self.config = config
-        tp = pg_collection.tp.size()
-        self.heads = config.num_attention_heads // tp
-        self.groups = config.num_query_groups // tp
-        self.softmax_scale = (softmax_scale if softmax_scale is not None
-                              else config.kv_channels ** -0.5)
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
-        cu_K1 = attention_mask
-        if query.shape[1] != 1:
-            raise ValueError("SegmentAttention expects one packed sequence (batch dim 1)")
-        q_ShD, k_SgD, v_SgD = query[:, 0], key[:, 0], value[:, 0]
-        if self.heads != self.groups:
-            k_SgD = k_SgD.repeat_interleave(self.heads // self.groups, dim=1)
-            v_SgD = v_SgD.repeat_interleave(self.heads // self.groups, dim=1)
-        cu = cu_K1.to(device=query.device, dtype=torch.long)
-        len_K = cu[1:] - cu[:-1]
-        longest = int(len_K.max())
-        j_L = torch.arange(longest, device=query.device)
-        valid_KL = j_L[None, :] < len_K[:, None]
-        idx_KL = torch.where(valid_KL, cu[:-1, None] + j_L[None, :], 0)
-
-        def segments(x_ShD):  # [K, h, L, D]
-            return x_ShD[idx_KL].transpose(1, 2)
-
-        out_KhLD = F.scaled_dot_product_attention(
-            segments(q_ShD), segments(k_SgD), segments(v_SgD),
-            attn_mask=valid_KL[:, None, None, :], scale=self.softmax_scale)
-        out_ShD = out_KhLD.transpose(1, 2)[valid_KL]
-        return out_ShD.reshape(out_ShD.shape[0], 1, -1)
-
-
 def vision_layer_spec():
-    """megatron's local GPT layer spec with bidirectional segment attention and RMSNorm."""
+    """megatron's local GPT layer spec with RMSNorm and bidirectional attention within segments
+    (``megatron_cppo.nn.attention.SegmentCoreAttention``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    attn = spec.submodules.self_attention
-    attn = dataclasses.replace(
-        attn, params={**attn.params, "attn_mask_type": AttnMaskType.no_mask},
-        submodules=dataclasses.replace(attn.submodules, core_attention=SegmentAttention))
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
-                                                                    self_attention=attn))
+    from megatron_cppo.nn.attention import SegmentCoreAttention, with_core_attention
+
+    return with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"),
+                               SegmentCoreAttention, attn_mask_type=AttnMaskType.no_mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite: one command, one H100/H200, under 6 minutes, one table per benchmark.
+#
+#   benchmarks/gpu_suite.sh                  # on the GPU machine, from the repository root
+#   PYTHON=.venv/bin/python benchmarks/gpu_suite.sh --cpu-smoke   # the same code paths, tiny, CPU
+#
+# 1. model step (benchmarks/model_step.py): Qwen2.5-VL-3B dimensions, bf16, random weights, 2
+#    micro-batches of one 4096-token sequence with one 64x64-patch image (1024 image tokens),
+#    padded and packed (cu_seqlens, varlen attention), against transformers' Qwen2.5-VL with sdpa
+#    attention on the same micro-batches in the same run: time, tokens/s, MFU (dense bf16 peak,
+#    989 TFLOPS for H100/H200 SXM) and peak memory.
+# 2. loss head (benchmarks/loss_head.py): CPPO's three passes fwd + bwd at T = 4096 and 16384, TP 1,
+#    against the Megatron-style baseline and the HBM floor (a bf16 copy of the same logits).
+#    The baseline needs ~94 GiB at T = 16384 and is skipped there (--max-gib-per-rank).
+#
+# The GPU machines have no megatron-core: the cp312 wheel travels in .whl/ (gitignored), fetched
+# on a machine with pip access by
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+# and is installed here into /tmp when `import megatron.core` fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+smoke=0
+[ "${1:-}" = "--cpu-smoke" ] && smoke=1
+
+if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
+  wheel=$(ls .whl/megatron_core-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ]; then
+    echo "megatron-core is not installed and no .whl/megatron_core-*.whl is here (see header)" >&2
+    exit 2
+  fi
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/megatron-core-site "$wheel"
+  export PYTHONPATH=/tmp/megatron-core-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
+
+if [ "$smoke" = 1 ]; then
+  "$PYTHON" benchmarks/model_step.py --cpu-smoke
+  "$PYTHON" benchmarks/loss_head.py --device cpu --tp 1 --tokens 256 512 --vocab 8192 \
+    --variants cppo megatron copy --reps 1
+  exit 0
+fi
+
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+print(torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+timeout 300 "$PYTHON" benchmarks/model_step.py --gpu --size 3B --seq 4096 --image-patches 64,64 \
+  --batch 1 --num-mb 2 --forms padded packed --hf-baseline --reps 3 --warmup 1
+timeout 150 "$PYTHON" benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 16384 \
+  --variants cppo cppo_triton megatron copy --reps 3 --max-gib-per-rank 70
