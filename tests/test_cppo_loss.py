@@ -307,7 +307,7 @@ def test_samples_needing_passes_follow_config():
 
 
 def test_gradient_oracle():
-    """cppo-method.md: with k3 and no clamp active, m = D+ - D-,
+    """docs/cppo-objective.md: with k3 and no clamp active, m = D+ - D-,
     dCPL/db = s/tau (e^(b-a) - 1), dCPL/dc = -s/tau (e^(c-a) - 1), dCPL/da = s/tau (e^(c-a) - e^(b-a)),
     s = sigmoid(m/tau). Two selected tokens: L_CPL = sum / (2 + 1e-8), so each gets about half."""
     tau = 0.1
