@@ -17,14 +17,11 @@ from typing import Optional, Sequence
 
 
 def default_plugins(cfg, state, hf_config):
-    """The rollout engine, the prompt datasets and the reward of a real run."""
-    try:
-        from megatron_cppo import data, rewards, rollout  # noqa: F401
-    except ImportError as e:
-        raise ValueError(
-            f"this build has no {e.name}: the trainer needs megatron_cppo.rollout (the vLLM "
-            "engine) and megatron_cppo.data / megatron_cppo.rewards to run") from None
-    return rollout.build_plugins(cfg, state, hf_config)
+    """The vLLM rollout engine, the prompt datasets and the reward of a real run
+    (megatron_cppo/training/plugins.py)."""
+    from megatron_cppo.training.plugins import build_plugins
+
+    return build_plugins(cfg, state, hf_config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
