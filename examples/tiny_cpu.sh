@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The built-in default run on a CPU machine: CPPO on gloo ranks (needs the rollout and data
-# packages; without them the trainer stops with an error naming what is missing).
+# The built-in default run on a CPU machine: 2 gloo ranks (TP 2 x PP 1). On first use it builds a
+# tiny Qwen2.5-VL with the real Qwen2.5 tokenizer (offline) and the built-in dataset (count and
+# color questions, level 0) under ~/.cache/megatron_cppo (or $MEGATRON_CPPO_CACHE), runs the
+# supervised warm start, then CPPO with vLLM rollouts (examples/tiny_cpu.yaml). Metrics, samples
+# and curves.png go to --log-dir (default ./runs/<time>). Extra flags override the YAML.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 PYTHONWARNINGS="ignore::UserWarning"
-exec .venv/bin/torchrun --nproc-per-node 4 -m megatron_cppo.train \
-  --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
-  --micro-batch-size 2 --global-batch-size 20 --train-iters 20 "$@"
+py=${PYTHON:-.venv/bin/python}
+exec "$py" -m torch.distributed.run --nproc-per-node 2 -m megatron_cppo.train \
+  --config examples/tiny_cpu.yaml "$@"

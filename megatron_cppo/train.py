@@ -17,14 +17,31 @@ from typing import Optional, Sequence
 
 
 def default_plugins(cfg, state, hf_config):
-    """The rollout engine, the prompt datasets and the reward of a real run."""
-    try:
-        from megatron_cppo import data, rewards, rollout  # noqa: F401
-    except ImportError as e:
-        raise ValueError(
-            f"this build has no {e.name}: the trainer needs megatron_cppo.rollout (the vLLM "
-            "engine) and megatron_cppo.data / megatron_cppo.rewards to run") from None
-    return rollout.build_plugins(cfg, state, hf_config)
+    """The vLLM rollout engine, the prompt datasets and the reward of a real run
+    (megatron_cppo/training/plugins.py)."""
+    from megatron_cppo.training.plugins import build_plugins
+
+    return build_plugins(cfg, state, hf_config)
+
+
+def use_builtin(cfg) -> None:
+    """Without --hf-dir (and --load) the built-in tiny Qwen2.5-VL with the real Qwen2.5
+    tokenizer; without --data-path the built-in dataset (megatron_cppo/training/builtin.py)."""
+    if cfg.data.data_path is not None and (cfg.model.hf_dir is not None
+                                           or cfg.checkpoint.load is not None):
+        return
+    from megatron_cppo.training.builtin import prepare_builtin
+
+    hf_dir, data_dir = prepare_builtin(rank=int(os.environ.get("RANK", "0")),
+                                       seed=cfg.optimizer.seed)
+    if cfg.model.hf_dir is None and cfg.checkpoint.load is None:
+        cfg.model.hf_dir = hf_dir
+    if cfg.data.data_path is None:
+        cfg.data.data_path = os.path.join(data_dir, "train.parquet")
+        if cfg.data.val_data_path is None:
+            cfg.data.val_data_path = os.path.join(data_dir, "validation.parquet")
+    if cfg.data.sft_data_path is None:
+        cfg.data.sft_data_path = os.path.join(data_dir, "sft.parquet")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ.setdefault(key, value)  # plain `python -m megatron_cppo.train`: one process
     try:
         cfg = parse_config(argv)
+        use_builtin(cfg)
         run(cfg, default_plugins)
     except ValueError as e:  # bad flags or input: one line naming the flag / file
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@
   engine.py    VLLMEngine: vLLM in this process; generate, score, transactional weight update
   process.py   EngineProcess: the engine in its own (unpatched) process; RefitTarget for senders
   refit.py     refit(...) from the megatron ranks: TP gather, HF names via mapping.py, buckets
+  source.py    VLLMRolloutSource: the trainer's RolloutSource (rank 0 drives the engine, broadcast)
   metrics.py   rollout_vs_train_logprob_diff
   evaluate.py  avg@N evaluation on a parquet of (question, image, answer)
 """

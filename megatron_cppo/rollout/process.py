@@ -62,8 +62,9 @@ class RefitTarget:
         return Client(self.address, family="AF_UNIX", authkey=self.authkey)
 
     def query(self, what: str, *args):
-        """From any process (e.g. a megatron rank): "version", "digests" or "score" (the
-        arguments of ``VLLMEngine.score``). Not during a refit by the same process."""
+        """From any process (e.g. a megatron rank): "version", "valid_vocab", "digests",
+        "score" or "generate" (the arguments of ``VLLMEngine.score`` / ``generate``). Not during a
+        refit by the same process."""
         conn = self.connect()
         try:
             conn.send((what,) + args)
@@ -203,9 +204,11 @@ class _RefitSession:
             conn.send(("ok", self.engine.weight_digests()))
         elif kind == "version":
             conn.send(("ok", self.engine.version))
-        elif kind == "score":
+        elif kind == "valid_vocab":
+            conn.send(("ok", self.engine.valid_vocab))
+        elif kind in ("score", "generate"):  # a trainer rank using an engine it does not own
             try:
-                conn.send(("ok", self.engine.score(*msg[1:])))
+                conn.send(("ok", getattr(self.engine, kind)(*msg[1:])))
             except Exception as e:  # noqa: BLE001 - reported to the caller
                 conn.send(("error", f"{type(e).__name__}: {e}"))
         elif kind == "begin":

@@ -230,6 +230,9 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
     group = group if group is not None else dist.group.WORLD
     t0 = time.perf_counter()
     dtype = getattr(torch, target.dtype.replace("torch.", ""))
+    # every rank draws the id (refit is collective), so the senders of one update agree on it
+    # whichever ranks were senders before (a rank that was a TP peer at another layout)
+    update_id = next(_update_ids)
     active = state.dp_rank == 0  # one replica per stage sends; the others hold the same weights
     is_sender = active and state.tp_rank == 0
     status: dict = {"pp_rank": state.pp_rank, "sender": is_sender, "error": None, "info": None,
@@ -241,8 +244,7 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
             try:
                 sender = _Sender(target, bucket_bytes)
                 reply = sender.request(("begin", {
-                    # refit is collective, so every sender's counter is at the same value
-                    "update_id": next(_update_ids),
+                    "update_id": update_id,
                     "num_senders": state.pp_size,
                     "manifest": stage_manifest(stage, state.tp_size, dtype),
                     "omitted": list(stage.omitted),

@@ -246,6 +246,11 @@ class DataConfig:
     eval_interval: int = _opt(0, "validate every this many steps (0: only at the start and end)")
     eval_iters: Optional[int] = _opt(None, "validation prompts per evaluation (default: all)")
     eval_only: bool = _opt(False, "evaluate the start weights (--load / --hf-dir) and exit")
+    sft_data_path: Optional[str] = _opt(None, "warm-start rows (prompt + response; the built-in "
+                                              "dataset's sft.parquet)")
+    warm_start_iters: int = _opt(0, "supervised warm-start steps on --sft-data-path before CPPO "
+                                    "(skipped with --load)")
+    warm_start_lr: float = _opt(1e-3, "constant learning rate of the warm start")
 
     def __post_init__(self):
         for name in ("data_path", "val_data_path"):
@@ -253,6 +258,10 @@ class DataConfig:
             if path is not None and not os.path.exists(path):
                 raise _bad(name, f"{path} does not exist")
         _check_int(self, "eval_interval", 0)
+        _check_int(self, "warm_start_iters", 0)
+        _check_float(self, "warm_start_lr", 0.0, lo_open=True)
+        if self.sft_data_path is not None and not os.path.exists(self.sft_data_path):
+            raise _bad("sft_data_path", f"{self.sft_data_path} does not exist")
         _check_int(self, "eval_iters", 1, optional=True)
         if self.eval_only and self.val_data_path is None:
             raise _bad("eval_only", "needs --val-data-path")
@@ -329,6 +338,9 @@ class TrainConfig:
                 and self.loss.cpl_gating:
             raise _bad("n_samples_per_prompt", "1 gives every response advantage 0, so gated CPL "
                        "(and the policy gradient) never acts; use >= 2")
+        if self.data.warm_start_iters and self.loss.kl_coef > 0:
+            raise _bad("warm_start_iters", "needs --kl-coef 0 (the reference model would have to "
+                       "be the warm-started one)")
 
     def loss_config(self):
         return self.loss.to_loss_config()

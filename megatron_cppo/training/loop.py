@@ -94,6 +94,12 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
             f" x dp {state.dp_size}; {cfg.rollout.rollout_batch_size} prompts x "
             f"{cfg.rollout.n_samples_per_prompt} responses per step, "
             f"{cfg.mini_batches_per_step} optimizer step(s) per rollout step")
+        if cfg.data.warm_start_iters and cfg.checkpoint.load is None:
+            from megatron_cppo.training.warm_start import warm_start
+
+            if cfg.data.sft_data_path is None:
+                raise ValueError("--warm-start-iters: needs --sft-data-path")
+            warm_start(cfg, policy, state, trainer.ctx, monitor, cfg.model.hf_dir)
         plugins.rollout.refit(policy.raw_chunks(), state, trainer.counters.weight_version)
         if cfg.data.eval_only:
             metrics = trainer.evaluate(list(plugins.val_prompts or [])[:cfg.data.eval_iters])
