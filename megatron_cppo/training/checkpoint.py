@@ -6,7 +6,8 @@ Layout under ``--save``::
     iter_0000004/
         megatron_cppo.json       the converter's metadata: megatron-to-hf exports this directory
         model/                   megatron-core distributed checkpoint of the model chunks
-        optimizer/               distributed checkpoint of the Megatron optimizer's state
+        optimizer/               distributed checkpoint of the Megatron optimizer's state (extra
+                                 state of the model checkpoint: checksummed like model/)
         trainer_state.pt         step, optimizer steps, weight version, LR schedule, data position
         rng/rank00000.pt ...     RNG states of every rank (torch, python, numpy, megatron tracker)
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 # The one place the trainer gets the model-checkpoint format from.
 from megatron_cppo.checkpoint import (  # noqa: I001
     META_NAME,
+    load_extra_state,
     load_megatron_checkpoint,
     read_meta,
     save_megatron_checkpoint,
@@ -104,8 +106,6 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
                     source_hf_dir: Optional[str] = None, start: Optional[dict] = None,
                     keep: int = 2) -> Path:
     """Collective over all ranks. Returns the published ``iter_*`` directory."""
-    from megatron.core import dist_checkpointing
-
     save_dir = Path(save_dir).absolute()
     name = iter_name(counters.step)
     box = [None]
@@ -118,19 +118,20 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
     partial = Path(box[0])
     model_dir = partial / "ckpt"  # save_megatron_checkpoint publishes its own directory
     raw = policy.raw_chunks()
-    save_megatron_checkpoint(raw, model_dir, state, hf_config=hf_config,
-                             source_hf_dir=source_hf_dir)
+    # the optimizer state is saved as extra sharded state of the model checkpoint, so its chunks
+    # get checksums too and are verified on load
+    save_megatron_checkpoint(
+        raw, model_dir, state, hf_config=hf_config, source_hf_dir=source_hf_dir,
+        extra_sharded={OPTIMIZER_SUBDIR: _optimizer_sharded(policy.optimizer, raw,
+                                                            is_loading=False)})
     error = None
     try:
         if state.rank == 0:
             for item in model_dir.iterdir():  # model/ and the metadata at the top level
                 os.replace(item, partial / item.name)
             model_dir.rmdir()
-            (partial / OPTIMIZER_SUBDIR).mkdir()
             (partial / "rng").mkdir()
         dist.barrier()
-        dist_checkpointing.save(_optimizer_sharded(policy.optimizer, raw, is_loading=False),
-                                str(partial / OPTIMIZER_SUBDIR))
         torch.save(_rng_state(), partial / "rng" / f"rank{state.rank:05d}.pt")
         if state.rank == 0:
             torch.save({"counters": vars(counters).copy(),
@@ -211,8 +212,6 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
     """Collective. Loads the model (any layout); with a training checkpoint and
     ``load_optimizer``, also optimizer, LR schedule, counters, data position and this rank's RNG
     states. Returns what was restored (for the log)."""
-    from megatron.core import dist_checkpointing
-
     path = find_checkpoint(load_dir)
     raw = policy.raw_chunks()
     restored = {"checkpoint": str(path), "model": True}
@@ -223,8 +222,8 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
         return restored
     meta = torch.load(trainer_file, weights_only=False)
     _prepare_optimizer_for_loading(policy.optimizer)
-    loaded = dist_checkpointing.load(_optimizer_sharded(policy.optimizer, raw, is_loading=True),
-                                     str(path / OPTIMIZER_SUBDIR))
+    loaded = load_extra_state(path, OPTIMIZER_SUBDIR,
+                              _optimizer_sharded(policy.optimizer, raw, is_loading=True))
     with torch.no_grad():  # fp32 main params of the distributed optimizer are views of weights
         policy.optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(policy.optimizer, int(meta["counters"]["optimizer_steps"]))
