@@ -120,6 +120,24 @@ def model_flops(hf_config, *, tokens_per_seq, num_seqs, image_hw) -> float:
 # one measurement on spawned ranks
 
 
+def _time_steps(step, cfg) -> dict:
+    """``cfg["warmup"]`` untimed calls of ``step``, then ``cfg["reps"]`` timed ones: median wall
+    time, every wall time, peak GPU memory since the first call (CUDA), least CPU time of a call."""
+    cuda = cfg["gpu"]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, cpu_times = [], []
+    for i in range(cfg["warmup"] + cfg["reps"]):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if i >= cfg["warmup"]:
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
+    return dict(step_s=statistics.median(times), times=times, peak_gib=peak,
+                cpu_s=min(cpu_times))
+
+
 def _worker(cfg):
     """One rank (env:// variables set by megatron_cppo.parallel.launch): build the model once, time
     each of ``cfg["forms"]`` ("padded", "packed"); rank 0 returns the timings, the others None."""
@@ -161,18 +179,7 @@ def _worker(cfg):
             if cuda:
                 torch.cuda.synchronize()
 
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        times, cpu_times = [], []
-        for i in range(cfg["warmup"] + cfg["reps"]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            if i >= cfg["warmup"]:
-                times.append(time.perf_counter() - t0)
-                cpu_times.append(time.process_time() - c0)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-        results[form] = dict(step_s=statistics.median(times), times=times, peak_gib=peak,
-                             cpu_s=min(cpu_times))
+        results[form] = _time_steps(step, cfg)
         del mbs
     destroy_parallel()
     return results if rank == 0 else None
@@ -219,18 +226,7 @@ def _hf_worker(cfg):
         if cuda:
             torch.cuda.synchronize()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, cpu_times = [], []
-    for i in range(cfg["warmup"] + cfg["reps"]):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        if i >= cfg["warmup"]:
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-    return dict(step_s=statistics.median(times), times=times, peak_gib=peak,
-                cpu_s=min(cpu_times))
+    return _time_steps(step, cfg)
 
 
 def measure(cfg: dict) -> dict:
