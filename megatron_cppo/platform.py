@@ -1,6 +1,6 @@
 """CPU platform layer: what megatron-core needs to run on a machine without CUDA (gloo, fp32/bf16).
 
-megatron-core assumes CUDA in many places; docs/megatron-on-cpu.md lists each one and why it fails
+megatron-core assumes CUDA in many places; docs/cpu-platform.md lists each one and why it fails
 (the numbers below are the rows of its table). On a machine with CUDA none of this is applied:
 ``activate()`` returns False and touches nothing. On a CPU-only machine ``activate()`` applies, once:
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compatibility job: the suite's megatron-facing tests against megatron-core 0.19.2, the version the
 # Python 3.12 GPU machines run. On Python 3.11 that release installs only from its sdist and only
-# with --ignore-requires-python (docs/megatron-on-cpu.md, "Versions"); it needs no triton here because
+# with --ignore-requires-python (docs/cpu-platform.md, "Versions"); it needs no triton here because
 # megatron_cppo installs a stand-in for the one MoE kernel module that imports it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

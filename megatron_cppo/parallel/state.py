@@ -54,7 +54,7 @@ class ParallelConfig:
                 # At PP=2 the previous and next stage are the same peer: one batched p2p call then
                 # holds two sends and two receives between the same two ranks, which megatron-core
                 # matches in the wrong order, giving silently wrong gradients (measured on gloo;
-                # docs/megatron-on-cpu.md). megatron.training refuses it; megatron.core does not.
+                # docs/cpu-platform.md). megatron.training refuses it; megatron.core does not.
                 raise ValueError(
                     "virtual_pipeline_model_parallel_size with pipeline_model_parallel_size 2 and "
                     "batch_p2p_comm=True gives silently wrong gradients in megatron-core; set "
