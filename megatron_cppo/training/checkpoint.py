@@ -43,6 +43,7 @@ from megatron_cppo.checkpoint import (  # noqa: I001
     load_megatron_checkpoint,
     read_meta,
     save_megatron_checkpoint,
+    swap_into_place,
 )
 
 __all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
@@ -145,16 +146,10 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
     _agree(error is None, "saving the checkpoint", error)
     final = save_dir / name
     if state.rank == 0:
-        aside = None
-        if final.exists():  # the same step saved again: move the old one aside first
-            aside = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=save_dir))
-            os.replace(final, aside / name)
-        os.replace(partial, final)
+        swap_into_place(partial, final)  # the same step saved again: old or new, never neither
         tmp_latest = save_dir / f".{LATEST}.tmp"
         tmp_latest.write_text(name + "\n")
         os.replace(tmp_latest, save_dir / LATEST)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
         done = sorted(p for p in save_dir.iterdir() if _ITER.match(p.name))
         for old in done[:-keep] if keep > 0 else []:
             if old.name != name:
