@@ -13,8 +13,10 @@ all of them when the loss needs them. ``pixel_values`` lists the images in row o
 then I+ rows, then I- rows), as the model's splice expects.
 
 Response alignment: rows are right-padded; the logit at position ``len(prompt) - 1 + t`` scores
-response token t. ``labels_BS`` are the ids shifted left by one, so per-position log-probs over the
-whole row are gathered to ``[B, T]`` with ``response_index_BT``.
+response token t. ``logit_index_RT`` holds those positions for every model row (padding entries
+point at a valid position and are masked), so the model computes logits at response positions
+only (the vocabulary projection is the costliest part of a small model's step, and prompts with
+images are long); ``labels_RT`` are the response ids they score.
 
 Shapes: B clean rows, P rows with perturbed views, R = B + 2P model rows, S padded length, T the
 longest response, 3 M-RoPE axes, D patch dim, N images.
@@ -191,8 +193,11 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
         mask_BT[b, :lr] = True
     labels_BS = torch.zeros_like(ids_BS)
     labels_BS[:, :-1] = ids_BS[:, 1:]
+    for b, s in enumerate(samples):  # padding entries: the prompt's last position (masked)
+        index_BT[b, s.response_ids.numel():] = s.prompt_ids.numel() - 1
 
     rows = list(range(B)) + rows_P + rows_P  # model rows: clean, I+, I-
+    index_RT = index_BT[rows]
     pixels, grids = [], []
     for view, row_list in (("clean", range(B)), ("plus", rows_P), ("minus", rows_P)):
         for b in row_list:
@@ -203,7 +208,8 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
                            "minus": s.minus_pixel_values}[view])
             grids.append(s.image_grid_thw)
     mb = dict(
-        input_ids=ids_BS[rows], position_ids=pos_3BS[:, rows], labels=labels_BS[rows],
+        input_ids=ids_BS[rows], position_ids=pos_3BS[:, rows],
+        logit_index_RT=index_RT, labels_RT=labels_BS[rows].gather(1, index_RT),
         pixel_values=torch.cat(pixels) if pixels else None,
         image_grid_thw=torch.cat(grids).long() if grids else None,
         num_clean_rows=B, sample_idx_P=torch.tensor(rows_P, dtype=torch.long),

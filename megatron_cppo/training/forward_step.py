@@ -6,9 +6,10 @@ Each micro-batch is a dict with ``input_ids`` [B, S], ``position_ids`` [3, B, S]
 stage), and optionally ``pixel_values`` [P, patch_dim] / ``image_grid_thw`` [N, 3] (the images of
 the micro-batch's rows in row order; the first stage only), optionally ``cu_seqlens`` [N + 1] for a
 packed micro-batch (B = 1, sequences back to back; models/qwen2_5_vl/packing.py), plus whatever
-the loss head reads.
+the loss head reads; with ``logit_index_RT`` [B, T] the last stage computes logits at those
+positions only (the trainer's micro-batches: response positions, training/batch.py).
 Per stage: the first stage takes ids and pixels, later stages only positions (hidden states arrive
-through the pipeline); the last stage's chunk returns vocab-sharded logits [B, S, Vp/TP] that go to
+through the pipeline); the last stage's chunk returns vocab-sharded logits [B, S|T, Vp/TP] that go to
 ``loss_head(microbatch, logits_BSV) -> (loss, metrics)``.
 
 The loss rule (megatron-core's schedule, ``forward_step_calc_loss``): a loss head returning two
@@ -44,7 +45,7 @@ def chunk_forward(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
     return chunk(inputs.get("input_ids"), mb["position_ids"],
                  pixel_values=inputs.get("pixel_values"),
                  image_grid_thw=inputs.get("image_grid_thw"),
-                 cu_seqlens=mb.get("cu_seqlens"))
+                 cu_seqlens=mb.get("cu_seqlens"), logit_index=mb.get("logit_index_RT"))
 
 
 def run_pipeline(chunks: Sequence[torch.nn.Module], microbatches: Sequence[dict],

@@ -24,11 +24,10 @@ __all__ = ["sft_loss_head", "sft_step"]
 
 
 def sft_loss_head(ctx: UpdateContext):
-    def head(mb, logits_BSV):
-        lp_BS, _ = log_probs_and_entropy(
-            logits_BSV, mb["labels"], group=ctx.state.tp_group, temperature=ctx.temperature,
+    def head(mb, logits_BTV):  # logits at the response positions only (batch.collate)
+        lp_BT, _ = log_probs_and_entropy(
+            logits_BTV, mb["labels_RT"], group=ctx.state.tp_group, temperature=ctx.temperature,
             chunk_size=ctx.chunk_size, valid_vocab=ctx.valid_vocab, with_entropy=False)
-        lp_BT = lp_BS.gather(1, mb["response_index_BT"])
         mask_BT = mb["response_mask_BT"]
         count = mask_BT.sum().clamp(min=1)
         nll = -torch.where(mask_BT, lp_BT, torch.zeros_like(lp_BT)).sum() / count

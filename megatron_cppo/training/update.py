@@ -4,7 +4,8 @@
     stats = update_mini_batch(chunks, optimizer, samples, loss_fn, ctx)
 
 Both go through ``forward_step.run_pipeline``. The loss head of the update turns the last stage's
-vocab-sharded logits of the stacked views (``batch.collate``) into per-token log-probs and
+vocab-sharded logits of the stacked views at the response positions (``batch.collate``:
+``logit_index_RT``, so no logits are computed for prompt tokens) into per-token log-probs and
 entropies with the vocab-parallel head (temperature-scaled, padding rows of the vocabulary beyond
 ``valid_vocab`` excluded), splits them into the clean pass and the I+/I- passes, and evaluates
 ``CPPOLoss`` on them. The loss reaches the schedule unscaled; megatron divides it by the number of
@@ -79,10 +80,6 @@ def partition(samples: Sequence[Sample], needs_views: Sequence[bool], ctx: Updat
     return equalize_count(groups, costs, int(count))
 
 
-def _gather_T(x_RS: torch.Tensor, index_BT: torch.Tensor) -> torch.Tensor:
-    return x_RS.gather(1, index_BT)
-
-
 # ----------------------------------------------------------------------------------------------
 # forward-only log-prob passes (old policy, reference)
 
@@ -97,12 +94,12 @@ def compute_log_probs(chunks: Sequence[torch.nn.Module], samples: Sequence[Sampl
                    ctx.rope_cfg, with_training_targets=False) for g in groups]
     stash: list[torch.Tensor] = []
 
-    def head(mb, logits_RSV):
-        lp_RS, _ = log_probs_and_entropy(
-            logits_RSV, mb["labels"], group=s.tp_group, temperature=ctx.temperature,
+    def head(mb, logits_RTV):
+        lp_RT, _ = log_probs_and_entropy(
+            logits_RTV, mb["labels_RT"], group=s.tp_group, temperature=ctx.temperature,
             chunk_size=ctx.chunk_size, valid_vocab=ctx.valid_vocab, with_entropy=False)
-        stash.append(_gather_T(lp_RS, mb["response_index_BT"]).float())
-        return lp_RS.new_zeros(()), {}
+        stash.append(lp_RT.float())
+        return lp_RT.new_zeros(()), {}
 
     for c in chunks:
         c.eval()
@@ -129,40 +126,32 @@ def cppo_loss_head(loss_fn: CPPOLoss, ctx: UpdateContext
     cfg = loss_fn.config
     full_vocab = getattr(cfg, "cpl_divergence_kind", None) == "full_vocab"
 
-    def head(mb, logits_RSV):
-        lp_RS, ent_RS = log_probs_and_entropy(
-            logits_RSV, mb["labels"], group=ctx.state.tp_group, temperature=ctx.temperature,
+    def head(mb, logits_RTV):
+        # rows: B clean, then P of I+, then P of I- (batch.collate); logits at response positions
+        lp_RT, ent_RT = log_probs_and_entropy(
+            logits_RTV, mb["labels_RT"], group=ctx.state.tp_group, temperature=ctx.temperature,
             chunk_size=ctx.chunk_size, valid_vocab=ctx.valid_vocab,
             with_entropy=cfg.entropy_coef != 0)
         B = mb["num_clean_rows"]
         rows_P = mb["sample_idx_P"]
         P = rows_P.numel()
-        index_BT = mb["response_index_BT"]
-        mask_BT = mb["response_mask_BT"].to(lp_RS.dtype)
+        mask_BT = mb["response_mask_BT"].to(lp_RT.dtype)
         perturbed = None
         if P:
-            index_PT = index_BT[rows_P]
             extra = {}
             if full_vocab:
-                V = logits_RSV.shape[-1]
-                idx_PTV = index_PT.unsqueeze(-1).expand(-1, -1, V)
-                extra = dict(plus_logits_PTV=logits_RSV[B:B + P].gather(1, idx_PTV),
-                             minus_logits_PTV=logits_RSV[B + P:].gather(1, idx_PTV))
+                extra = dict(plus_logits_PTV=logits_RTV[B:B + P],
+                             minus_logits_PTV=logits_RTV[B + P:])
             perturbed = PerturbedPasses(
-                sample_idx_P=rows_P,
-                plus_log_probs_PT=_gather_T(lp_RS[B:B + P], index_PT),
-                minus_log_probs_PT=_gather_T(lp_RS[B + P:], index_PT),
-                minus_entropy_PT=_gather_T(ent_RS[B + P:], index_PT).detach(), **extra)
-        logits_BTV = None
-        if full_vocab:
-            V = logits_RSV.shape[-1]
-            logits_BTV = logits_RSV[:B].gather(1, index_BT.unsqueeze(-1).expand(-1, -1, V))
+                sample_idx_P=rows_P, plus_log_probs_PT=lp_RT[B:B + P],
+                minus_log_probs_PT=lp_RT[B + P:],
+                minus_entropy_PT=ent_RT[B + P:].detach(), **extra)
         batch = CPPOMicroBatch(
-            log_probs_BT=_gather_T(lp_RS[:B], index_BT),
+            log_probs_BT=lp_RT[:B],
             old_log_probs_BT=mb["old_log_probs_BT"], response_mask_BT=mask_BT,
-            advantages_B=mb["advantages_B"], entropy_BT=_gather_T(ent_RS[:B], index_BT),
-            ref_log_probs_BT=mb.get("ref_log_probs_BT"), logits_BTV=logits_BTV,
-            perturbed=perturbed)
+            advantages_B=mb["advantages_B"], entropy_BT=ent_RT[:B],
+            ref_log_probs_BT=mb.get("ref_log_probs_BT"),
+            logits_BTV=logits_RTV[:B] if full_vocab else None, perturbed=perturbed)
         loss, metrics = loss_fn(batch)  # unscaled: the schedule divides by num micro-batches
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["response_tokens"] = float(mask_BT.sum())

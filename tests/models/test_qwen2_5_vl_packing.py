@@ -232,7 +232,7 @@ def _run(state, path, batch, packed: bool, settings: dict):
         out = chunk(mb["input_ids"] if pre else None, mb["position_ids"],
                     pixel_values=mb["pixel_values"] if pre else None,
                     image_grid_thw=mb["image_grid_thw"] if pre else None,
-                    cu_seqlens=mb.get("cu_seqlens"))
+                    cu_seqlens=mb.get("cu_seqlens"), logit_index=mb.get("logit_index"))
 
         def loss_func(logits_BSV):
             stash.append(logits_BSV.detach().clone())
@@ -259,7 +259,7 @@ def _compare(a, b):
     return diff
 
 
-def _all_layouts(ranks, path, padded, packed, lengths):
+def _all_layouts(ranks, path, padded, packed, lengths, selected):
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
     out = {}
@@ -270,6 +270,14 @@ def _all_layouts(ranks, path, padded, packed, lengths):
             ref = _run(state, path, padded, False, {})
             got = _run(state, path, packed, True, {})
             res = _compare(ref, got)
+            # logits at the loss positions only (logit_index): same loss, gradients, logits
+            sel = _run(state, path, selected, False, {})
+            r = _compare(ref, sel)
+            res["selected"] = (r["loss"], r["grad"], r["grad_keys"], max(
+                [float((full_BSV.gather(1, mb["logit_index"].unsqueeze(-1).expand(
+                    -1, -1, full_BSV.shape[-1])) - part_BTV)[mb["loss_mask"].bool()].abs().max())
+                 for full_BSV, part_BTV, mb in zip(ref["logits"], sel["logits"], selected)],
+                default=0.0))
             res["logits"] = 0.0
             for pad_BSV, pk_1TV, n_B in zip(ref["logits"], got["logits"], lengths):
                 cu = torch.tensor([0] + torch.tensor(n_B).cumsum(0).tolist())
@@ -289,6 +297,20 @@ def _all_layouts(ranks, path, padded, packed, lengths):
     return out
 
 
+def _select_loss_positions(mb: dict) -> dict:
+    """The padded micro-batch with ``logit_index`` [B, T] = each row's loss positions (padding
+    entries repeat position 0 and are masked) and labels / loss mask gathered to [B, T]."""
+    mask_BS = mb["loss_mask"].bool()
+    T = int(mask_BS.sum(1).max())
+    index_BT = torch.zeros(mask_BS.shape[0], T, dtype=torch.long)
+    for b, row in enumerate(mask_BS):
+        pos = row.nonzero().squeeze(-1)
+        index_BT[b, :pos.numel()] = pos
+    return dict(mb, logit_index=index_BT, labels=mb["labels"].gather(1, index_BT),
+                loss_mask=mb["loss_mask"].gather(1, index_BT) * (
+                    torch.arange(T) < mask_BS.sum(1, keepdim=True)))
+
+
 @pytest.fixture(scope="module")
 def packed_runs(tmp_path_factory):
     from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig, mrope_position_ids_batch
@@ -297,7 +319,7 @@ def packed_runs(tmp_path_factory):
     config = tiny_qwen.hf_config(tied=False)
     tiny_qwen.hf_model(config).save_pretrained(path)
     rope = MRopeIndexConfig.from_hf(config)
-    padded, packed, lengths = [], [], []
+    padded, packed, lengths, selected = [], [], [], []
     for mb in tiny_qwen.make_batch():
         pos, _ = mrope_position_ids_batch(mb["input_ids"], rope,
                                           attention_mask_BS=mb["attention_mask"],
@@ -311,8 +333,9 @@ def packed_runs(tmp_path_factory):
         p = pack_samples(samples_from_padded(full, n_B, image_token_id=tiny_qwen.IMAGE,
                                              merge_unit=4))
         packed.append(dict(p.model_inputs(), **p.tokens))
+        selected.append(_select_loss_positions(full))
     per_rank = run_on_ranks(_all_layouts, 4, megatron=False,
-                            args=(path, padded, packed, lengths), timeout=600)
+                            args=(path, padded, packed, lengths, selected), timeout=600)
     return per_rank
 
 
@@ -324,6 +347,9 @@ def test_packed_equals_padded(packed_runs, layout):
         assert r["logits"] <= 1e-5, (rank, layout, r["logits"])
         assert r["loss"] <= 1e-6, (rank, layout, r["loss"])
         assert r["grad"] <= 1e-6, (rank, layout, r["grad"])
+        loss, grad, keys, logits = r["selected"]
+        assert keys and loss <= 1e-6 and grad <= 1e-6 and logits <= 1e-6, (rank, layout,
+                                                                            r["selected"])
 
 
 def test_recompute_is_exact(packed_runs):

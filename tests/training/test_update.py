@@ -211,6 +211,34 @@ def test_old_log_probs_equal_across_layouts(runs):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_old_log_probs_equal_transformers(runs):
+    """The response log-probs of the log-prob pass (logits at response positions only,
+    temperature, valid vocabulary) equal transformers' log_softmax over the full logits of the
+    same model at the same positions."""
+    from megatron_cppo.training.batch import _positions
+
+    model = tiny_qwen.hf_model(tiny_qwen.hf_config(tied=False), seed=3)
+    got = runs[(1, 1)][0]["old"]
+    with torch.no_grad():
+        for s, lp in zip(make_samples(), got):
+            ids = torch.cat([s.prompt_ids, s.response_ids])[None]
+            out = model(input_ids=ids, pixel_values=s.pixel_values,
+                        image_grid_thw=s.image_grid_thw,
+                        position_ids=_positions(s, _rope_cfg())[:, None])
+            logits = out.logits[0, :, :VALID_VOCAB].double() / TEMPERATURE
+            lp_all = torch.log_softmax(logits, -1)
+            n = s.prompt_ids.numel()
+            want = lp_all[n - 1:-1].gather(1, s.response_ids[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), want,
+                                       rtol=1e-4, atol=1e-4)
+
+
+def _rope_cfg():
+    from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig
+
+    return MRopeIndexConfig.from_hf(tiny_qwen.hf_config(tied=False))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_loss_and_grad_norm_equal_across_layouts(runs, layout):
     ref = runs[(1, 1)][0]
@@ -272,10 +300,16 @@ def test_collate_stacks_views_sharing_ids_and_positions(tmp_path):
     full = torch.cat([s.prompt_ids, s.response_ids])
     assert torch.equal(pos[:, 1, :full.numel()],
                        mrope_position_ids(full, rope, image_grid_N3=s.image_grid_thw)[0])
-    # response alignment: labels at the gathered positions are the response tokens
+    # response alignment: the logit at each scored position predicts the next token, which is
+    # the response token; the I+/I- rows score the same positions and labels as their clean row
     lr = s.response_ids.numel()
-    got = mb["labels"][1].gather(0, mb["response_index_BT"][1, :lr])
-    assert torch.equal(got, s.response_ids) and mb["response_mask_BT"][1].sum() == lr
+    index_RT, labels_RT = mb["logit_index_RT"], mb["labels_RT"]
+    assert torch.equal(ids[1][index_RT[1, :lr] + 1], s.response_ids)
+    assert torch.equal(labels_RT[1, :lr], s.response_ids) and mb["response_mask_BT"][1].sum() == lr
+    for view_row in (3, 4):
+        assert torch.equal(index_RT[view_row], index_RT[1])
+        assert torch.equal(labels_RT[view_row], labels_RT[1])
+    assert int(index_RT.max()) < ids.shape[1] and int(index_RT.min()) >= 0
 
 
 def test_token_budget_partition():

@@ -12,6 +12,9 @@ collectives and every ViT parameter gets a gradient (zero) in every step.
 
 The last stage returns vocab-sharded logits [B, S, Vp/TP] in the parameter dtype (nothing is
 gathered unless ``runtime_gather_output=True``, which returns [B, S, V] without padding columns).
+With ``logit_index`` [B, T] it returns only the logits of those positions, [B, T, Vp/TP]: the
+hidden states are gathered before the output layer, so an RL pass pays the vocabulary projection
+for the scored (response) positions only, not for the prompt and its image tokens.
 Padding columns of the vocabulary (where TP does not divide V) are set to -inf on the shard that
 holds them, so they are never sampled or scored.
 
@@ -87,6 +90,11 @@ class Qwen25VLModel(MegatronModule):
                 pg_collection=vision_pg_collection, model_tp_group=pg_collection.tp)
             if layout.vision_parallel_mode == "dp_in_tp":
                 mark_replicated(self.vision_model.parameters())
+        # positions whose logits the output layer computes (set only for the duration of a call)
+        self._logit_index_BT: Optional[torch.Tensor] = None
+        if post_process:
+            self.language_model.output_layer.register_forward_pre_hook(
+                self._select_logit_positions, with_kwargs=True)
 
     # ---- megatron plumbing
 
@@ -110,6 +118,7 @@ class Qwen25VLModel(MegatronModule):
                 pixel_values: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
+                logit_index: Optional[torch.Tensor] = None,
                 runtime_gather_output: bool = False) -> torch.Tensor:
         """input_ids [B, S] (first stage), position_ids [3, B, S] M-RoPE ids (every stage),
         pixel_values [P, patch_dim] and image_grid_thw [N, 3] (first stage, images of the whole
@@ -120,7 +129,12 @@ class Qwen25VLModel(MegatronModule):
         back to back, ``cu_seqlens`` int32 [K + 1] their boundaries (every stage), position_ids
         each token's own M-RoPE ids; attention stays within each sample.
 
-        Returns logits [B, S, Vp/TP] on the last stage, hidden states [S, B, E] elsewhere."""
+        ``logit_index`` int64 [B, T] (read on the last stage): the positions of each row whose
+        logits are wanted (e.g. ``len(prompt) - 1 + t`` for response token t); padding entries
+        may repeat any valid position.
+
+        Returns logits [B, S, Vp/TP] (or [B, T, Vp/TP] with ``logit_index``) on the last stage,
+        hidden states [S, B, E] elsewhere."""
         if cu_seqlens is not None:
             self._check_packed(cu_seqlens, position_ids)
         decoder_input = None
@@ -133,12 +147,31 @@ class Qwen25VLModel(MegatronModule):
                              "(drop them with stage_inputs())")
         if position_ids is None or position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError("position_ids must be the [3, B, S] M-RoPE ids")
-        out = self.language_model(None, position_ids, cu_seqlens,
-                                  decoder_input=decoder_input,
-                                  runtime_gather_output=runtime_gather_output)
+        if logit_index is not None and self.post_process:
+            if logit_index.dim() != 2 or logit_index.shape[0] != position_ids.shape[1] \
+                    or logit_index.dtype != torch.long:
+                raise ValueError(f"logit_index must be int64 [B={position_ids.shape[1]}, T], got "
+                                 f"{tuple(logit_index.shape)} {logit_index.dtype}")
+            self._logit_index_BT = logit_index
+        try:
+            out = self.language_model(None, position_ids, cu_seqlens,
+                                      decoder_input=decoder_input,
+                                      runtime_gather_output=runtime_gather_output)
+        finally:
+            self._logit_index_BT = None
         if not self.post_process:
             return out
         return self._mask_vocab_padding(out, gathered=runtime_gather_output)
+
+    def _select_logit_positions(self, module, args, kwargs):
+        """Forward pre-hook of the output layer: hidden [S, B, E] -> [T, B, E] at the requested
+        positions (no sequence parallelism here, so every TP rank holds the full sequence)."""
+        index_BT = self._logit_index_BT
+        if index_BT is None:
+            return None
+        hidden_SBE = args[0]
+        index_TBE = index_BT.t().unsqueeze(-1).expand(-1, -1, hidden_SBE.shape[-1])
+        return (hidden_SBE.gather(0, index_TBE),) + tuple(args[1:]), kwargs
 
     def _check_packed(self, cu_K1: torch.Tensor, position_ids: torch.Tensor) -> None:
         if not self.supports_packed:
