@@ -22,6 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_cppo", "megatron_cppo.*"]),
+    package_data={"megatron_cppo": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.6",
         # 0.16.1 is the newest for Python 3.11; 0.17+ needs Python 3.12 (GPU machines run 0.19).

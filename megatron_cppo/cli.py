@@ -3,7 +3,7 @@
     megatron-cppo train [flags]      CPPO training (megatron_cppo.train; --help lists the flags)
     megatron-cppo eval [flags]       validation accuracy (avg@N) of --load / --hf-dir weights
     megatron-cppo convert ...        HF <-> megatron checkpoints (megatron-cppo-convert's commands)
-    megatron-cppo sft [flags]        supervised warm start
+    megatron-cppo sft [flags]        supervised warm start only: --warm-start-iters N --save DIR
 
 Exit status: 0 success, 1 a failed check (convert verify), 2 bad input.
 """
@@ -38,10 +38,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_cppo.train import main as train_main
 
         return train_main(["--train-iters", "1", "--eval-only"] + rest)
-    if command == "sft":
-        print("error: megatron-cppo sft: the supervised warm start comes with the data package "
-              "(megatron_cppo.data), which this build does not have", file=sys.stderr)
-        return 2
+    if command == "sft":  # the warm start alone; --save gets the weights (train --load them)
+        from megatron_cppo.train import main as train_main
+
+        return train_main(["--sft-only"] + rest)
     print(f"error: unknown command {command!r}; expected one of {', '.join(COMMANDS)}",
           file=sys.stderr)
     return 2

@@ -2,11 +2,18 @@
 
     torchrun --nproc-per-node 8 -m megatron_cppo.train --tensor-model-parallel-size 2 \
         --pipeline-model-parallel-size 2 --hf-dir Qwen2.5-VL-7B-Instruct --data-path train.parquet
-    megatron-cppo train --config examples/tiny_cpu.yaml
+    megatron-cppo train                  # the built-in default (configs/tiny_cpu.yaml), 2 ranks
+    megatron-cppo train --train-iters 8  # the same with a flag overridden
 
 Parse the config, initialise parallelism, build (policy, reference, rollout engine, data), loop
-``train_step`` (megatron_cppo/training/trainer.py), save, close. Without torchrun it runs as one
-process. Every flag: ``megatron-cppo train --help`` (megatron_cppo/training/config.py).
+``train_step`` (megatron_cppo/training/trainer.py), save, close. Every flag:
+``megatron-cppo train --help`` (megatron_cppo/training/config.py).
+
+Without ``--config``, ``--hf-dir`` and ``--data-path`` the run is the built-in default:
+``megatron_cppo/configs/tiny_cpu.yaml`` under the given flags, with the tiny Qwen2.5-VL and the
+built-in dataset prepared offline on first use (training/builtin.py). Started outside torchrun
+(no ``LOCAL_RANK`` in the environment), a run that needs tp x pp > 1 processes launches itself on
+this machine with that many (``torch.distributed.run --standalone``, one data-parallel replica).
 """
 
 from __future__ import annotations
@@ -24,9 +31,18 @@ def default_plugins(cfg, state, hf_config):
     return build_plugins(cfg, state, hf_config)
 
 
-def use_builtin(cfg) -> None:
-    """Without --hf-dir (and --load) the built-in tiny Qwen2.5-VL with the real Qwen2.5
-    tokenizer; without --data-path the built-in dataset (megatron_cppo/training/builtin.py)."""
+def resolve_sources(cfg) -> None:
+    """Where the model and data come from. ``--load`` without ``--hf-dir``: the HF directory the
+    checkpoint records (its tokenizer and processor drive the data and the rollout engine), if
+    it still exists. Then, without --hf-dir (and --load) the built-in tiny Qwen2.5-VL with the
+    real Qwen2.5 tokenizer; without --data-path the built-in dataset
+    (megatron_cppo/training/builtin.py)."""
+    if cfg.model.hf_dir is None and cfg.checkpoint.load is not None:
+        from megatron_cppo.training.checkpoint import find_checkpoint, read_meta
+
+        source = read_meta(find_checkpoint(cfg.checkpoint.load)).source_hf_dir
+        if source is not None and os.path.isdir(source):
+            cfg.model.hf_dir = source
     if cfg.data.data_path is not None and (cfg.model.hf_dir is not None
                                            or cfg.checkpoint.load is not None):
         return
@@ -44,16 +60,53 @@ def use_builtin(cfg) -> None:
         cfg.data.sft_data_path = os.path.join(data_dir, "sft.parquet")
 
 
+BUILTIN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "tiny_cpu.yaml")
+_RUN_SOURCES = ("--config", "--hf-dir", "--data-path")
+
+
+def with_builtin_defaults(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config <the built-in default>`` in front when it names no config, HF
+    model or data of its own (flags win over the YAML; ``--load`` alone continues a built-in
+    run, e.g. from ``megatron-cppo sft``)."""
+    argv = list(argv)
+    named = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    if named & set(_RUN_SOURCES):
+        return argv
+    return ["--config", BUILTIN_CONFIG] + argv
+
+
+def _launch_local(argv: list[str], nproc: int) -> int:
+    """Re-run this entry under torchrun with ``nproc`` local ranks; returns its exit status."""
+    import subprocess
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores: no oversubscription
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "megatron_cppo.train"] + argv
+    print(f"launching {nproc} local ranks: torchrun --standalone --nproc-per-node={nproc} "
+          f"-m megatron_cppo.train {' '.join(argv)}", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:  # the ranks got the same SIGINT and stop on their own
+        return 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_cppo.training.config import parse_config
     from megatron_cppo.training.loop import run
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT="29511").items():
-        os.environ.setdefault(key, value)  # plain `python -m megatron_cppo.train`: one process
+    argv = with_builtin_defaults(sys.argv[1:] if argv is None else argv)
+    launched = "LOCAL_RANK" in os.environ
     try:
         cfg = parse_config(argv)
-        use_builtin(cfg)
+        nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        if not launched and nproc > 1:
+            return _launch_local(argv, nproc)
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                               MASTER_ADDR="127.0.0.1", MASTER_PORT="29511").items():
+            os.environ.setdefault(key, value)  # one process without torchrun
+        resolve_sources(cfg)
         run(cfg, default_plugins)
     except ValueError as e:  # bad flags or input: one line naming the flag / file
         print(f"error: {e}", file=sys.stderr, flush=True)

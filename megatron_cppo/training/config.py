@@ -251,6 +251,8 @@ class DataConfig:
     warm_start_iters: int = _opt(0, "supervised warm-start steps on --sft-data-path before CPPO "
                                     "(skipped with --load)")
     warm_start_lr: float = _opt(1e-3, "constant learning rate of the warm start")
+    sft_only: bool = _opt(False, "run only the warm start, save the weights to --save (a "
+                                 "checkpoint `--load` starts CPPO from) and exit")
 
     def __post_init__(self):
         for name in ("data_path", "val_data_path"):
@@ -338,7 +340,11 @@ class TrainConfig:
                 and self.loss.cpl_gating:
             raise _bad("n_samples_per_prompt", "1 gives every response advantage 0, so gated CPL "
                        "(and the policy gradient) never acts; use >= 2")
-        if self.data.warm_start_iters and self.loss.kl_coef > 0:
+        if self.data.sft_only and (not self.data.warm_start_iters or self.checkpoint.save is None
+                                   or self.checkpoint.load is not None):
+            raise _bad("sft_only", "needs --warm-start-iters > 0 and --save, and starts from "
+                       "--hf-dir (not --load)")
+        if self.data.warm_start_iters and self.loss.kl_coef > 0 and not self.data.sft_only:
             raise _bad("warm_start_iters", "needs --kl-coef 0 (the reference model would have to "
                        "be the warm-started one)")
 

@@ -65,7 +65,6 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
         policy = build_policy(hf_config, state, settings, cfg.optimizer,
                               use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                               hf_state_dict=hf_sd, total_steps=total_steps)
-        plugins = make_plugins(cfg, state, hf_config)
         log_dir = cfg.logging.log_dir or cfg.checkpoint.save or os.path.join(
             "runs", time.strftime("%Y%m%d-%H%M%S"))
         monitor = Monitor(log_dir=log_dir, enabled=state.rank == 0,
@@ -73,6 +72,9 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
                           wandb_project=cfg.logging.wandb_project,
                           wandb_name=cfg.logging.wandb_exp_name, config=cfg.to_flat_dict(),
                           progress=cfg.logging.progress, total_steps=cfg.optimizer.train_iters)
+        if cfg.data.sft_only:
+            return _sft_only(cfg, policy, state, hf_config, monitor)
+        plugins = make_plugins(cfg, state, hf_config)
         trainer = Trainer(cfg=cfg, state=state, policy=policy, reference=None,
                           rollout=plugins.rollout, prompts=plugins.prompts,
                           reward_fn=plugins.reward_fn, rope_cfg=MRopeIndexConfig.from_hf(hf_config),
@@ -115,6 +117,30 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
         if plugins is not None:
             plugins.rollout.close()
         destroy_parallel(keep_process_group=True)
+
+
+def _sft_only(cfg, policy, state, hf_config, monitor) -> list[dict]:
+    """``megatron-cppo sft``: the warm start alone (no rollout engine), then the weights as a
+    megatron checkpoint in ``--save`` (``megatron-cppo train --load`` starts CPPO from it, and
+    it is also that run's reference model)."""
+    from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig
+    from megatron_cppo.training.plugins import load_processor
+    from megatron_cppo.training.update import UpdateContext
+    from megatron_cppo.training.warm_start import warm_start
+
+    if cfg.data.sft_data_path is None:
+        raise ValueError("--sft-data-path: needed by --sft-only")
+    processor, _ = load_processor(cfg.model.hf_dir)
+    ctx = UpdateContext(state=state, rope_cfg=MRopeIndexConfig.from_hf(hf_config),
+                        valid_vocab=len(processor.tokenizer),
+                        micro_batch_size=cfg.optimizer.micro_batch_size,
+                        max_tokens_per_microbatch=cfg.optimizer.max_tokens_per_microbatch)
+    history = warm_start(cfg, policy, state, ctx, monitor, cfg.model.hf_dir)
+    ckpt.save_megatron_checkpoint(policy.raw_chunks(), cfg.checkpoint.save, state,
+                                  hf_config=hf_config, source_hf_dir=cfg.model.hf_dir)
+    monitor.print(f"saved the warm-started weights to {cfg.checkpoint.save}; start CPPO from "
+                  f"them with: megatron-cppo train --load {cfg.checkpoint.save} ...")
+    return history
 
 
 def _build_reference(cfg, start, state, hf_config, settings, hf_sd):

@@ -15,6 +15,7 @@ reference would have to be the warm-started model, so ``--kl-coef`` must be 0 wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -39,6 +40,7 @@ def warm_start(cfg, policy, state, ctx, monitor, hf_dir: str) -> list[dict]:
     from megatron_cppo.training.plugins import load_processor
     from megatron_cppo.training.sft import sft_step
 
+    ctx = dataclasses.replace(ctx, temperature=1.0)  # plain NLL, whatever the rollout samples at
     processor, (min_pixels, max_pixels) = load_processor(hf_dir)
     data = PromptDataset(DataConfig(files=[cfg.data.sft_data_path],
                                     max_prompt_length=cfg.rollout.max_prompt_length,

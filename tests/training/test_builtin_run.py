@@ -1,0 +1,74 @@
+"""The built-in default through the commands users type, as subprocesses without torchrun:
+``megatron-cppo sft`` then ``megatron-cppo train --load`` with no model or data flags.
+
+Proven: the built-in tiny Qwen2.5-VL (real Qwen2.5 tokenizer, 151,665 tokens; output layer padded
+to 151,680 rows) and the built-in dataset are prepared offline into ``$MEGATRON_CPPO_CACHE`` once
+(a second call rewrites nothing); a command outside torchrun launches itself on tp x pp local
+ranks (the built-in config: TP 2); ``sft`` runs only the warm start (no rollout engine) and saves
+a weights-only checkpoint; ``train --load`` finds the HF directory that checkpoint records (for the
+tokenizer and the vLLM engine), keeps the built-in config, skips the warm start and runs a CPPO
+step with vLLM rollouts, validation and finite metrics; both exit 0.
+Not proven here: learning (benchmarks/RESULTS.md has the default run's curve).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+def _cli(args, cache, timeout=900):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(MEGATRON_CPPO_CACHE=str(cache), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::UserWarning")
+    return subprocess.run([sys.executable, "-m", "megatron_cppo.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_prepare_builtin_is_offline_and_idempotent(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_cppo.models.qwen2_5_vl import load_hf_config
+    from megatron_cppo.training.builtin import MODEL_VOCAB, prepare_builtin
+
+    hf, data = prepare_builtin(tmp_path)
+    assert len(AutoTokenizer.from_pretrained(hf)) == 151_665
+    assert load_hf_config(hf).text_config.vocab_size == MODEL_VOCAB == 151_680
+    files = sorted(os.listdir(data))
+    assert {"train.parquet", "validation.parquet", "sft.parquet"} <= set(files)
+    stamps = {p: os.stat(os.path.join(hf, p)).st_mtime_ns for p in os.listdir(hf)}
+    assert prepare_builtin(tmp_path) == (hf, data)
+    assert stamps == {p: os.stat(os.path.join(hf, p)).st_mtime_ns for p in os.listdir(hf)}
+
+
+def test_sft_then_train_from_it(tmp_path):
+    cache, sft = tmp_path / "cache", tmp_path / "sft"
+    r = _cli(["sft", "--warm-start-iters", "2", "--global-batch-size", "4",
+              "--micro-batch-size", "4", "--save", str(sft), "--log-dir", str(tmp_path / "log_sft"),
+              "--no-progress"], cache)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "launching 2 local ranks" in r.stdout
+    warm = [json.loads(x) for x in (tmp_path / "log_sft" / "warm_start.jsonl").read_text()
+            .splitlines()]
+    assert [x["warm_start_step"] for x in warm] == [1, 2]
+    assert all(math.isfinite(x["sft_loss"]) for x in warm)
+    assert (sft / "megatron_cppo.json").is_file() and not (sft / "trainer_state.pt").exists()
+    assert not (tmp_path / "log_sft" / "metrics.jsonl").read_text()  # no CPPO step ran
+
+    log = tmp_path / "log_train"
+    r = _cli(["train", "--load", str(sft), "--train-iters", "1", "--eval-iters", "2",
+              "--log-dir", str(log), "--no-progress"], cache)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "warm start" not in r.stdout  # the loaded weights are already warm-started
+    rows = [json.loads(x) for x in (log / "metrics.jsonl").read_text().splitlines()]
+    step = [m for m in rows if m.get("step") == 1]
+    assert step, rows
+    for k in ("loss", "reward_mean", "grad_norm", "rollout_vs_train_logprob_diff"):
+        assert math.isfinite(step[0][k]), k
+    assert any("val_acc" in m for m in rows)
