@@ -7,8 +7,9 @@ backward, with fp32 [chunk, V/tp] scratch. Here:
 - forward streams each logits row once. It keeps an online (rescaled) max, sum of exponentials and
   entropy term per token in fp32 registers, and writes four fp32 numbers per token. The shard's
   local statistics are then moved to the group-wide max with per-token torch ops. The TP
-  collectives are those of the torch path: one MAX, then one SUM of stacked statistics per chunk
-  (``_all_reduce`` on the group passed in);
+  collectives, the formulas from the reduced sums to the outputs and the autograd bookkeeping are
+  the torch path's own code (megatron_cppo/ops/_chunk_stats.py): one MAX, then one SUM of stacked
+  statistics per chunk, on the group passed in;
 - backward reads the logits once and writes the gradient once. It recomputes p from the saved
   per-token log-sum-exp (and entropy / KL), so it needs no collective and no fp32 scratch.
 
@@ -27,11 +28,10 @@ Shape suffixes: N tokens, C tokens of one chunk, V this rank's shard width, U it
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from megatron_cppo.ops.vocab_parallel import _all_reduce
+from megatron_cppo.ops import _chunk_stats as cs
 
 __all__ = ["TritonFullKL", "TritonLogProbEntropy"]
 
@@ -178,16 +178,6 @@ def _rows(t_NV: torch.Tensor) -> torch.Tensor:
     return t_NV if t_NV.stride(-1) == 1 else t_NV.contiguous()
 
 
-def _to_global_max(m_C, s_C, a_C, group):
-    """Move a shard's (local max, S, A) to the group-wide max: one MAX all-reduce (TP group)."""
-    m_g_C = m_C.clone()
-    _all_reduce(m_g_C, dist.ReduceOp.MAX, group)
-    scale_C = torch.exp(m_C - m_g_C)
-    s_g_C = s_C * scale_C
-    a_g_C = None if a_C is None else scale_C * (a_C + (m_C - m_g_C) * s_C)
-    return m_g_C, s_g_C, a_g_C, scale_C
-
-
 class TritonLogProbEntropy(torch.autograd.Function):
     """Triton twin of ``vocab_parallel._LogProbEntropy`` (same arguments, outputs, saved values)."""
 
@@ -197,57 +187,53 @@ class TritonLogProbEntropy(torch.autograd.Function):
         logits_NV = _rows(logits_NV)
         num_tokens = logits_NV.shape[0]
         device = logits_NV.device
-        log_probs_N = torch.empty(num_tokens, dtype=torch.float32, device=device)
-        entropy_N = torch.empty_like(log_probs_N)
-        lse_N = torch.empty_like(log_probs_N)
-        local_N = labels_N - vocab_start
-        owned_N = (local_N >= 0) & (local_N < num_valid)
-        index_N = torch.where(owned_N, local_N, torch.zeros_like(local_N))
+        log_probs_N, entropy_N, lse_N = cs.fp32_per_token(num_tokens, device, 3)
+        index_N, owned_N = cs.target_columns(labels_N, vocab_start, num_valid)
         owned_i8_N = owned_N.to(torch.int8)
         for s in range(0, num_tokens, chunk_size):
             e = min(s + chunk_size, num_tokens)
+            # [m, S, A, z_y/T] per token at this shard's own max m
             local_KC = torch.empty(4, e - s, dtype=torch.float32, device=device)
             _logprob_entropy_fwd[(e - s,)](
                 logits_NV[s:e], logits_NV.stride(0), index_N[s:e], owned_i8_N[s:e], local_KC,
                 e - s, num_valid, float(temperature), BLOCK=BLOCK_V, num_warps=NUM_WARPS)
-            m_C, s_C, a_C, _ = _to_global_max(local_KC[0], local_KC[1], local_KC[2], group)
-            stats_KC = torch.stack([s_C, a_C, torch.where(owned_N[s:e], local_KC[3] - m_C,
-                                                          torch.zeros_like(m_C))])
-            _all_reduce(stats_KC, dist.ReduceOp.SUM, group)  # TP group: [S, A, w_y] in one call
-            log_sum_C = torch.log(stats_KC[0])
-            log_probs_N[s:e] = stats_KC[2] - log_sum_C
-            entropy_N[s:e] = log_sum_C - stats_KC[1] / stats_KC[0]
-            lse_N[s:e] = m_C + log_sum_C
-        ctx.temperature, ctx.num_valid, ctx.with_entropy = temperature, num_valid, with_entropy
-        ctx.set_materialize_grads(False)
-        if with_entropy:
-            ctx.save_for_backward(logits_NV, index_N, owned_i8_N, lse_N, entropy_N)
-        else:
-            ctx.mark_non_differentiable(entropy_N)
-            ctx.save_for_backward(logits_NV, index_N, owned_i8_N, lse_N)
+
+            def shifted_stats(m_g_C, local_KC=local_KC, s=s, e=e):
+                """[S, A, w_y] [3, C] moved from the local max to the group max m_g."""
+                m_C, s_C, a_C = local_KC[0], local_KC[1], local_KC[2]
+                scale_C = torch.exp(m_C - m_g_C)
+                a_g_C = scale_C * (a_C + (m_C - m_g_C) * s_C)
+                return torch.stack([s_C * scale_C, a_g_C,
+                                    torch.where(owned_N[s:e], local_KC[3] - m_g_C,
+                                                torch.zeros_like(m_g_C))])
+
+            cs.reduce_log_prob_entropy(local_KC[0].clone(), shifted_stats, group,
+                                       log_probs_N[s:e], entropy_N[s:e], lse_N[s:e])
+        cs.save_log_prob_entropy(ctx, logits_NV, index_N, owned_i8_N, lse_N, entropy_N,
+                                 group=group, temperature=temperature, chunk_size=chunk_size,
+                                 num_valid=num_valid, with_entropy=with_entropy)
         return log_probs_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_log_probs_N, grad_entropy_N):
-        logits_NV, index_N, owned_i8_N, lse_N = ctx.saved_tensors[:4]
-        entropy_N = ctx.saved_tensors[4] if ctx.with_entropy else lse_N
-        if not ctx.with_entropy:
-            grad_entropy_N = None
+        # g_lp_N, g_h_N: upstream gradients already divided by T (None: no term)
+        logits_NV, index_N, owned_i8_N, lse_N, entropy_N, g_lp_N, g_h_N = (
+            cs.saved_log_prob_entropy(ctx, grad_log_probs_N, grad_entropy_N))
         num_tokens, width = logits_NV.shape
         grad_NV = torch.empty(num_tokens, width, dtype=logits_NV.dtype, device=logits_NV.device)
-        if grad_log_probs_N is None and grad_entropy_N is None:
+        if g_lp_N is None and g_h_N is None:
             grad_NV.zero_()
-            return (grad_NV,) + (None,) * 7
-        T = ctx.temperature
-        g_lp_N = grad_log_probs_N.float() / T if grad_log_probs_N is not None else lse_N
-        g_h_N = grad_entropy_N.float() / T if grad_entropy_N is not None else lse_N
+            return (grad_NV,) + cs.NO_GRADS_LOG_PROB
         if num_tokens:
+            # An absent term's pointer argument gets any fp32 [N] tensor (lse): never read.
             _logprob_entropy_bwd[(num_tokens,)](
                 logits_NV, logits_NV.stride(0), grad_NV, grad_NV.stride(0), index_N, owned_i8_N,
-                lse_N, entropy_N, g_lp_N.contiguous(), g_h_N.contiguous(), ctx.num_valid, width,
-                float(T), HAS_LP=grad_log_probs_N is not None, HAS_H=grad_entropy_N is not None,
+                lse_N, lse_N if entropy_N is None else entropy_N,
+                (lse_N if g_lp_N is None else g_lp_N).contiguous(),
+                (lse_N if g_h_N is None else g_h_N).contiguous(), ctx.num_valid, width,
+                float(ctx.temperature), HAS_LP=g_lp_N is not None, HAS_H=g_h_N is not None,
                 BLOCK=BLOCK_V, num_warps=NUM_WARPS)
-        return (grad_NV,) + (None,) * 7
+        return (grad_NV,) + cs.NO_GRADS_LOG_PROB
 
 
 class TritonFullKL(torch.autograd.Function):
@@ -258,42 +244,43 @@ class TritonFullKL(torch.autograd.Function):
         logits_p_NV, logits_q_NV = _rows(logits_p_NV), _rows(logits_q_NV)
         num_tokens = logits_p_NV.shape[0]
         device = logits_p_NV.device
-        kl_N = torch.empty(num_tokens, dtype=torch.float32, device=device)
-        lse_p_N, lse_q_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
+        kl_N, lse_p_N, lse_q_N = cs.fp32_per_token(num_tokens, device, 3)
         for s in range(0, num_tokens, chunk_size):
             e = min(s + chunk_size, num_tokens)
+            # [m_p, S_p, m_q, S_q, b] per token at this shard's own maxima
             local_KC = torch.empty(5, e - s, dtype=torch.float32, device=device)
             _full_kl_fwd[(e - s,)](
                 logits_p_NV[s:e], logits_q_NV[s:e], logits_p_NV.stride(0), logits_q_NV.stride(0),
                 local_KC, e - s, num_valid, float(temperature), BLOCK=BLOCK_V,
                 num_warps=NUM_WARPS)
-            m_loc_KC = local_KC[[0, 2]]
-            max_KC = m_loc_KC.clone()
-            _all_reduce(max_KC, dist.ReduceOp.MAX, group)  # TP group: [m_p, m_q] in one call
-            scale_KC = torch.exp(m_loc_KC - max_KC)
-            # B with each pass shifted by its own global max (as the torch path):
-            # sum e^(w_p - M_p) ((w_p - M_p) - (w_q - M_q)) = scale_p (b - (M_p - M_q) S_p_local)
-            b_C = scale_KC[0] * (local_KC[4] - (max_KC[0] - max_KC[1]) * local_KC[1])
-            stats_KC = torch.stack([local_KC[1] * scale_KC[0], local_KC[3] * scale_KC[1], b_C])
-            _all_reduce(stats_KC, dist.ReduceOp.SUM, group)  # TP group: [S_p, S_q, B] in one call
-            log_s_p_C, log_s_q_C = torch.log(stats_KC[0]), torch.log(stats_KC[1])
-            kl_N[s:e] = stats_KC[2] / stats_KC[0] - log_s_p_C + log_s_q_C
-            lse_p_N[s:e] = max_KC[0] + log_s_p_C
-            lse_q_N[s:e] = max_KC[1] + log_s_q_C
-        ctx.temperature, ctx.num_valid = temperature, num_valid
-        ctx.save_for_backward(logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N)
+            m_loc_KC = local_KC[[0, 2]]  # [2, C] a copy: reduce_kl all-reduces a clone of it
+
+            def shifted_stats(max_KC, local_KC=local_KC, m_loc_KC=m_loc_KC):
+                """[S_p, S_q, B] [3, C] moved from the local maxima to the group maxima."""
+                scale_KC = torch.exp(m_loc_KC - max_KC)
+                # B with each pass shifted by its own global max (as the torch path):
+                # sum e^(w_p - M_p) ((w_p - M_p) - (w_q - M_q))
+                #   = scale_p (b - (M_p - M_q) S_p_local)
+                b_C = scale_KC[0] * (local_KC[4] - (max_KC[0] - max_KC[1]) * local_KC[1])
+                return torch.stack([local_KC[1] * scale_KC[0], local_KC[3] * scale_KC[1], b_C])
+
+            cs.reduce_kl(m_loc_KC.clone(), shifted_stats, group, kl_N[s:e], lse_p_N[s:e],
+                         lse_q_N[s:e])
+        cs.save_kl(ctx, logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N,
+                   temperature=temperature, chunk_size=chunk_size, num_valid=num_valid)
         return kl_N
 
     @staticmethod
     def backward(ctx, grad_kl_N):
-        logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N = ctx.saved_tensors
-        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # g_N: the upstream gradient already divided by T
+        logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N, g_N, need_p, need_q = cs.saved_kl(
+            ctx, grad_kl_N)
+        g_N = g_N.contiguous()
         num_tokens, width = logits_p_NV.shape
         grad_p_NV = torch.empty(num_tokens, width, dtype=logits_p_NV.dtype,
                                 device=logits_p_NV.device) if need_p else None
         grad_q_NV = torch.empty(num_tokens, width, dtype=logits_q_NV.dtype,
                                 device=logits_q_NV.device) if need_q else None
-        g_N = (grad_kl_N.float() / ctx.temperature).contiguous()
         if num_tokens and (need_p or need_q):
             dummy = grad_p_NV if need_p else grad_q_NV
             gp, gq = (grad_p_NV if need_p else dummy), (grad_q_NV if need_q else dummy)
@@ -302,4 +289,4 @@ class TritonFullKL(torch.autograd.Function):
                 gp.stride(0), gq.stride(0), lse_p_N, lse_q_N, kl_N, g_N, ctx.num_valid, width,
                 float(ctx.temperature), NEED_P=need_p, NEED_Q=need_q, BLOCK=BLOCK_V,
                 num_warps=NUM_WARPS)
-        return grad_p_NV, grad_q_NV, None, None, None, None
+        return (grad_p_NV, grad_q_NV) + cs.NO_GRADS_KL

@@ -18,7 +18,9 @@ and equal shard widths (Megatron pads the vocabulary so that shards are equal).
 
 Two implementations behind one API (``impl``): the torch code below, and Triton kernels
 (megatron_cppo/ops/triton_loss_head.py) that read each logits row once in forward and once in
-backward, with the same collectives. ``impl="auto"`` takes Triton on CUDA when it imports, torch
+backward. They differ only in how a rank computes its shard's statistics; the collectives, the
+formulas from the reduced sums to the outputs and the autograd bookkeeping are one shared code
+(megatron_cppo/ops/_chunk_stats.py). ``impl="auto"`` takes Triton on CUDA when it imports, torch
 otherwise (CPU always torch).
 
 Shape suffixes: N tokens (all leading dims flattened), C tokens of one chunk, V this rank's vocab
@@ -32,6 +34,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_cppo.ops import _chunk_stats as cs
 
 __all__ = ["log_probs_and_entropy", "full_kl", "default_chunk_size", "triton_available",
            "DEFAULT_CHUNK_ELEMENTS", "IMPLS"]
@@ -112,12 +116,6 @@ def _resolve_impl(impl: str, logits: torch.Tensor) -> str:
     return impl
 
 
-def _all_reduce(t: torch.Tensor, op, group) -> None:
-    # Always on tensors allocated here, never on the caller's.
-    if group is not None:
-        dist.all_reduce(t, op=op, group=group)
-
-
 # ----------------------------------------------------------------------------------------------
 # log-prob + entropy
 
@@ -136,14 +134,8 @@ class _LogProbEntropy(torch.autograd.Function):
                 num_valid, with_entropy):
         num_tokens = logits_NV.shape[0]
         device = logits_NV.device
-        log_probs_N = torch.empty(num_tokens, dtype=torch.float32, device=device)
-        entropy_N = torch.empty_like(log_probs_N)
-        lse_N = torch.empty_like(log_probs_N)
-        # Target column on this shard; tokens whose target lives on another shard (or is outside
-        # the valid vocabulary) contribute 0 to the SUM of z_y.
-        local_N = labels_N - vocab_start
-        owned_N = (local_N >= 0) & (local_N < num_valid)
-        index_N = torch.where(owned_N, local_N, torch.zeros_like(local_N))
+        log_probs_N, entropy_N, lse_N = cs.fp32_per_token(num_tokens, device, 3)
+        index_N, owned_N = cs.target_columns(labels_N, vocab_start, num_valid)
         # Two fp32 scratch buffers reused by every chunk (fresh allocations per chunk cost page
         # faults on CPU and allocator churn on GPU).
         rows = min(chunk_size, num_tokens)
@@ -153,54 +145,45 @@ class _LogProbEntropy(torch.autograd.Function):
         for s in range(0, num_tokens, chunk_size):
             e = min(s + chunk_size, num_tokens)
             w_CU = _scaled_fp32(logits_NV[s:e, :num_valid], temperature, w_buf[:e - s])
-            m_C = _row_max(w_CU)
-            _all_reduce(m_C, dist.ReduceOp.MAX, group)  # TP group: global max per token
-            w_CU.sub_(m_C.unsqueeze(-1))
-            exp_CU = torch.exp(w_CU, out=exp_buf[:e - s])
-            stats_KC = torch.empty(3, e - s, dtype=torch.float32, device=device)
-            torch.sum(exp_CU, dim=-1, out=stats_KC[0])
-            # sum e^w w: the product in place, then torch.sum's cascaded summation. (A BLAS dot
-            # product accumulates 76k-152k terms with a relative error of ~1e-3, measured.)
-            torch.sum(exp_CU.mul_(w_CU), dim=-1, out=stats_KC[1])
-            if num_valid > 0:
-                w_y_C = w_CU.gather(1, index_N[s:e].unsqueeze(-1)).squeeze(-1)
-                stats_KC[2] = torch.where(owned_N[s:e], w_y_C, torch.zeros_like(w_y_C))
-            else:
-                stats_KC[2] = 0.0
-            _all_reduce(stats_KC, dist.ReduceOp.SUM, group)  # TP group: [S, A, w_y] in one call
-            log_sum_C = torch.log(stats_KC[0])
-            log_probs_N[s:e] = stats_KC[2] - log_sum_C
-            entropy_N[s:e] = log_sum_C - stats_KC[1] / stats_KC[0]
-            lse_N[s:e] = m_C + log_sum_C
+
+            def shifted_stats(m_C, w_CU=w_CU, s=s, e=e):
+                """[S, A, w_y] [3, C] of this shard in w - m (m the group max; w shifted here)."""
+                w_CU.sub_(m_C.unsqueeze(-1))
+                exp_CU = torch.exp(w_CU, out=exp_buf[:e - s])
+                stats_KC = torch.empty(3, e - s, dtype=torch.float32, device=device)
+                torch.sum(exp_CU, dim=-1, out=stats_KC[0])
+                # sum e^w w: the product in place, then torch.sum's cascaded summation. (A BLAS
+                # dot product accumulates 76k-152k terms with a relative error of ~1e-3, measured.)
+                torch.sum(exp_CU.mul_(w_CU), dim=-1, out=stats_KC[1])
+                if num_valid > 0:
+                    w_y_C = w_CU.gather(1, index_N[s:e].unsqueeze(-1)).squeeze(-1)
+                    stats_KC[2] = torch.where(owned_N[s:e], w_y_C, torch.zeros_like(w_y_C))
+                else:
+                    stats_KC[2] = 0.0
+                return stats_KC
+
+            cs.reduce_log_prob_entropy(_row_max(w_CU), shifted_stats, group, log_probs_N[s:e],
+                                       entropy_N[s:e], lse_N[s:e])
         del w_buf, exp_buf
 
-        ctx.group, ctx.temperature, ctx.chunk_size = group, temperature, chunk_size
-        ctx.num_valid, ctx.with_entropy = num_valid, with_entropy
-        ctx.set_materialize_grads(False)  # an unused output arrives as None: skip its term
-        if with_entropy:
-            ctx.save_for_backward(logits_NV, index_N, owned_N, lse_N, entropy_N)
-        else:
-            ctx.mark_non_differentiable(entropy_N)
-            ctx.save_for_backward(logits_NV, index_N, owned_N, lse_N)
+        cs.save_log_prob_entropy(ctx, logits_NV, index_N, owned_N, lse_N, entropy_N, group=group,
+                                 temperature=temperature, chunk_size=chunk_size,
+                                 num_valid=num_valid, with_entropy=with_entropy)
         return log_probs_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_log_probs_N, grad_entropy_N):
-        logits_NV, index_N, owned_N, lse_N = ctx.saved_tensors[:4]
-        entropy_N = ctx.saved_tensors[4] if ctx.with_entropy else None
-        if not ctx.with_entropy:
-            grad_entropy_N = None
+        # g_lp_N, g_h_N: upstream gradients already divided by T (None: no term)
+        logits_NV, index_N, owned_N, lse_N, entropy_N, g_lp_N, g_h_N = cs.saved_log_prob_entropy(
+            ctx, grad_log_probs_N, grad_entropy_N)
         T, num_valid = ctx.temperature, ctx.num_valid
         num_tokens, width = logits_NV.shape
         grad_NV = torch.empty_like(logits_NV, memory_format=torch.contiguous_format)
         if num_valid < width:
             grad_NV[:, num_valid:] = 0  # padding rows are outside the softmax
-        if grad_log_probs_N is None and grad_entropy_N is None or num_valid == 0:
+        if g_lp_N is None and g_h_N is None or num_valid == 0:
             grad_NV[:, :num_valid] = 0
-            return (grad_NV,) + (None,) * 7
-        # Fold d(z/T)/dz = 1/T into the per-token multipliers.
-        g_lp_N = grad_log_probs_N.float() / T if grad_log_probs_N is not None else None
-        g_h_N = grad_entropy_N.float() / T if grad_entropy_N is not None else None
+            return (grad_NV,) + cs.NO_GRADS_LOG_PROB
         rows = min(ctx.chunk_size, num_tokens)
         buf = torch.empty(rows, num_valid, dtype=torch.float32, device=logits_NV.device)
         p_buf = torch.empty_like(buf) if g_h_N is not None else None
@@ -222,7 +205,7 @@ class _LogProbEntropy(torch.autograd.Function):
                 g_own_C = torch.where(owned_N[s:e], g_lp_N[s:e], torch.zeros_like(g_lp_N[s:e]))
                 grad_CU.scatter_add_(1, index_N[s:e].unsqueeze(-1), g_own_C.unsqueeze(-1))
             grad_NV[s:e, :num_valid].copy_(grad_CU)  # cast to the logits' dtype
-        return (grad_NV,) + (None,) * 7
+        return (grad_NV,) + cs.NO_GRADS_LOG_PROB
 
 
 def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
@@ -290,37 +273,37 @@ class _FullKL(torch.autograd.Function):
     def forward(ctx, logits_p_NV, logits_q_NV, group, temperature, chunk_size, num_valid):
         num_tokens = logits_p_NV.shape[0]
         device = logits_p_NV.device
-        kl_N = torch.empty(num_tokens, dtype=torch.float32, device=device)
-        lse_p_N, lse_q_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
+        kl_N, lse_p_N, lse_q_N = cs.fp32_per_token(num_tokens, device, 3)
         rows = min(chunk_size, num_tokens)
         bufs = [torch.empty(rows, num_valid, dtype=torch.float32, device=device) for _ in range(3)]
         for s in range(0, num_tokens, chunk_size):
             e = min(s + chunk_size, num_tokens)
             w_p_CU = _scaled_fp32(logits_p_NV[s:e, :num_valid], temperature, bufs[0][:e - s])
             w_q_CU = _scaled_fp32(logits_q_NV[s:e, :num_valid], temperature, bufs[1][:e - s])
-            max_KC = torch.stack([_row_max(w_p_CU), _row_max(w_q_CU)])
-            _all_reduce(max_KC, dist.ReduceOp.MAX, group)  # TP group: [m_p, m_q] in one call
-            w_p_CU.sub_(max_KC[0].unsqueeze(-1))
-            w_q_CU.sub_(max_KC[1].unsqueeze(-1))
-            stats_KC = torch.empty(3, e - s, dtype=torch.float32, device=device)
-            exp_p_CU = torch.exp(w_p_CU, out=bufs[2][:e - s])
-            torch.sum(exp_p_CU, dim=-1, out=stats_KC[0])
-            torch.sum(exp_p_CU.mul_(w_p_CU.sub_(w_q_CU)), dim=-1, out=stats_KC[2])
-            torch.sum(w_q_CU.exp_(), dim=-1, out=stats_KC[1])
-            _all_reduce(stats_KC, dist.ReduceOp.SUM, group)  # TP group: [S_p, S_q, B] in one call
-            log_s_p_C, log_s_q_C = torch.log(stats_KC[0]), torch.log(stats_KC[1])
-            kl_N[s:e] = stats_KC[2] / stats_KC[0] - log_s_p_C + log_s_q_C
-            lse_p_N[s:e] = max_KC[0] + log_s_p_C
-            lse_q_N[s:e] = max_KC[1] + log_s_q_C
-        ctx.temperature, ctx.chunk_size, ctx.num_valid = temperature, chunk_size, num_valid
-        ctx.save_for_backward(logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N)
+
+            def shifted_stats(max_KC, w_p_CU=w_p_CU, w_q_CU=w_q_CU, s=s, e=e):
+                """[S_p, S_q, B] [3, C] of this shard, each pass shifted by its group max here."""
+                w_p_CU.sub_(max_KC[0].unsqueeze(-1))
+                w_q_CU.sub_(max_KC[1].unsqueeze(-1))
+                stats_KC = torch.empty(3, e - s, dtype=torch.float32, device=device)
+                exp_p_CU = torch.exp(w_p_CU, out=bufs[2][:e - s])
+                torch.sum(exp_p_CU, dim=-1, out=stats_KC[0])
+                torch.sum(exp_p_CU.mul_(w_p_CU.sub_(w_q_CU)), dim=-1, out=stats_KC[2])
+                torch.sum(w_q_CU.exp_(), dim=-1, out=stats_KC[1])
+                return stats_KC
+
+            cs.reduce_kl(torch.stack([_row_max(w_p_CU), _row_max(w_q_CU)]), shifted_stats, group,
+                         kl_N[s:e], lse_p_N[s:e], lse_q_N[s:e])
+        cs.save_kl(ctx, logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N,
+                   temperature=temperature, chunk_size=chunk_size, num_valid=num_valid)
         return kl_N
 
     @staticmethod
     def backward(ctx, grad_kl_N):
-        logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N = ctx.saved_tensors
+        # g_N: the upstream gradient already divided by T
+        logits_p_NV, logits_q_NV, lse_p_N, lse_q_N, kl_N, g_N, need_p, need_q = cs.saved_kl(
+            ctx, grad_kl_N)
         T, num_valid = ctx.temperature, ctx.num_valid
-        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens, width = logits_p_NV.shape
         grads = []
         for need, like in ((need_p, logits_p_NV), (need_q, logits_q_NV)):
@@ -331,7 +314,6 @@ class _FullKL(torch.autograd.Function):
                     g[:, num_valid:] = 0
             grads.append(g)
         grad_p_NV, grad_q_NV = grads
-        g_N = grad_kl_N.float() / T
         rows = min(ctx.chunk_size, num_tokens)
         bufs = [torch.empty(rows, num_valid, dtype=torch.float32, device=logits_p_NV.device)
                 for _ in range(3)]
@@ -349,7 +331,7 @@ class _FullKL(torch.autograd.Function):
                 grad_p_NV[s:e, :num_valid].copy_(log_p_CU)
             if need_q:
                 grad_q_NV[s:e, :num_valid].copy_(log_q_CU.exp_().sub_(p_CU).mul_(g_C1))
-        return grad_p_NV, grad_q_NV, None, None, None, None
+        return (grad_p_NV, grad_q_NV) + cs.NO_GRADS_KL
 
 
 def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, *,
