@@ -13,6 +13,10 @@ Computing them re-reads what was just written (from the page cache, usually); wi
 files are divided among them. ``verify`` re-reads and compares, naming the first chunk that differs;
 a checkpoint written before checksums existed (no ``checksums.json``, ``meta.checksums`` null)
 still loads, with a warning. benchmarks/convert.py measures the cost.
+
+Pickled files outside the distributed checkpoints (a training checkpoint's ``trainer_state.pt`` and
+``rng/rankNNNNN.pt``) are not in this table: each carries a CRC-32 record of its own, in a sidecar
+written and verified by megatron_cppo/checkpoint/torch_file.py with the same algorithm.
 """
 
 from __future__ import annotations
