@@ -10,6 +10,8 @@ Layout under ``--save``::
                                  state of the model checkpoint: checksummed like model/)
         trainer_state.pt         step, optimizer steps, weight version, LR schedule, data position
         rng/rank00000.pt ...     RNG states of every rank (torch, python, numpy, megatron tracker)
+        *.pt.checksum.json       CRC-32 and size of each .pt file, verified before unpickling
+                                 (checkpoint/torch_file.py)
 
 Failure atomicity: everything is written into a hidden sibling ``.iter_0000004.partial-*``; only
 when every rank has finished does rank 0 rename it into place and then replace ``latest``. A save
@@ -45,6 +47,7 @@ from megatron_cppo.checkpoint import (  # noqa: I001
     save_megatron_checkpoint,
     swap_into_place,
 )
+from megatron_cppo.checkpoint.torch_file import load_torch_file, save_torch_file
 
 __all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
 
@@ -133,14 +136,14 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
             model_dir.rmdir()
             (partial / "rng").mkdir()
         dist.barrier()
-        torch.save(_rng_state(), partial / "rng" / f"rank{state.rank:05d}.pt")
+        save_torch_file(_rng_state(), partial / "rng" / f"rank{state.rank:05d}.pt")
         if state.rank == 0:
-            torch.save({"counters": vars(counters).copy(),
-                        "scheduler": policy.scheduler.state_dict(),
-                        "prompts": prompts.state_dict() if prompts is not None else None,
-                        "start": start,  # where the start (= reference) weights came from
-                        "world_size": state.world_size, "tp": state.tp_size,
-                        "pp": state.pp_size}, partial / TRAINER_STATE)
+            save_torch_file({"counters": vars(counters).copy(),
+                             "scheduler": policy.scheduler.state_dict(),
+                             "prompts": prompts.state_dict() if prompts is not None else None,
+                             "start": start,  # where the start (= reference) weights came from
+                             "world_size": state.world_size, "tp": state.tp_size,
+                             "pp": state.pp_size}, partial / TRAINER_STATE)
     except Exception as e:  # every rank must reach the agreement
         error = e
     _agree(error is None, "saving the checkpoint", error)
@@ -215,7 +218,7 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
         load_megatron_checkpoint(raw, path, state)
         policy.optimizer.reload_model_params()  # bf16: the fp32 main copies follow the weights
         return restored
-    meta = torch.load(trainer_file, weights_only=False)
+    meta = load_torch_file(trainer_file, "trainer state", checkpoint_dir=path)
     _prepare_optimizer_for_loading(policy.optimizer)
     loaded = load_extra_state(path, OPTIMIZER_SUBDIR,
                               _optimizer_sharded(policy.optimizer, raw, is_loading=True))
@@ -232,7 +235,7 @@ def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
     rng_file = path / "rng" / f"rank{state.rank:05d}.pt"
     same_world = meta["world_size"] == state.world_size
     if same_world and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_torch_file(rng_file, "RNG state", checkpoint_dir=path))
     restored.update(start=meta.get("start"), optimizer=True, scheduler=True, step=counters.step,
                     weight_version=counters.weight_version, rng=same_world,
                     data_position=meta["prompts"] is not None)
