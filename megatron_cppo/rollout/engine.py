@@ -77,8 +77,9 @@ class RolloutGroup:
 
 
 def engine_environment(config: RolloutConfig) -> dict[str, str]:
-    """Environment vLLM reads at import: in-process engine core, CPU KV cache size, and the
-    compiled-kernel caches kept out of the shared system temp dir. Existing values win."""
+    """Environment vLLM reads at import: in-process engine core, CPU KV cache size, the
+    compiled-kernel caches kept out of the shared system temp dir, warnings-only logging.
+    Existing values win."""
     cache = config.cache_dir or os.path.join(tempfile.gettempdir(), "megatron_cppo_vllm_cache")
     env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -87,6 +88,8 @@ def engine_environment(config: RolloutConfig) -> dict[str, str]:
         "VLLM_CACHE_ROOT": os.path.join(cache, "vllm"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # vLLM logs every prefix-cache reset (one per refit) at INFO: one line per training step
+        "VLLM_LOGGING_LEVEL": "WARNING",
     }
     for key, value in env.items():
         os.environ.setdefault(key, value)
@@ -140,6 +143,12 @@ class VLLMEngine:
                       logprobs_mode="processed_logprobs")
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        else:
+            # vLLM 0.32 rewinds a seeded request's generator when it discards the token sampled
+            # after a partial (chunked) prefill, with Generator.set_offset, which CPU generators
+            # do not support ("CPU Generator does not use offset"): seeded batches whose prompts
+            # exceed the token budget of one step crashed. Whole prefills only on CPU.
+            kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(**kwargs)
         runner = getattr(self.llm.llm_engine.model_config, "runner_type", "generate")
         if runner != "generate":
