@@ -231,13 +231,20 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_row(seed: int, split: str, i: int, tasks: tuple[str, ...], levels: tuple[int, ...]
-             ) -> tuple[dict, str]:
-    """(row in the reader's schema, warm-start response) of row ``i`` of ``split``."""
+def make_row(seed: int, split: str, i: int, tasks: tuple[str, ...], levels: tuple[int, ...],
+             answer_noise: float = 0.0) -> tuple[dict, str]:
+    """(row in the reader's schema, warm-start response) of row ``i`` of ``split``. With
+    ``answer_noise`` p, the warm-start response of a fraction p of the rows (own stream) states a
+    wrong answer: that of another draw of the same task and level (the ground truth stays)."""
     rng = np.random.default_rng([seed & 0xFFFFFFFF, SPLITS[split], i])
     task = tasks[int(rng.integers(len(tasks)))]
     level = int(levels[int(rng.integers(len(levels)))])
     img, question, answer, thought = TASK_FNS[task](rng, level)
+    said, said_thought = answer, thought
+    noise_rng = np.random.default_rng([seed & 0xFFFFFFFF, SPLITS[split], i, 1])
+    if answer_noise > 0 and noise_rng.random() < answer_noise:
+        while said == answer:
+            _, _, said, said_thought = TASK_FNS[task](noise_rng, level)
     row = {
         "data_source": DATA_SOURCE,
         "prompt": [{"role": "user", "content": f"<image>{question} {INSTRUCTION}"}],
@@ -247,7 +254,7 @@ def make_row(seed: int, split: str, i: int, tasks: tuple[str, ...], levels: tupl
         "extra_info": {"index": i, "split": split, "task": task, "level": level,
                        "question": question, "answer": answer},
     }
-    response = f"<think>{thought}</think> The answer is \\boxed{{{answer}}}."
+    response = f"<think>{said_thought}</think> The answer is \\boxed{{{said}}}."
     return row, response
 
 
@@ -262,8 +269,11 @@ def _write(path: Path, rows: list[dict], row_group_size: int, schema: pa.Schema)
 def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: int = 2000,
                           validation_rows: int = 200, sft_rows: int = 500,
                           tasks: tuple[str, ...] = TASKS, levels: tuple[int, ...] = LEVELS,
-                          row_group_size: int = 256) -> dict[str, str]:
-    """Write the built-in dataset into ``out``; return {"train", "validation", "sft": path}."""
+                          row_group_size: int = 256, sft_answer_noise: float = 0.0
+                          ) -> dict[str, str]:
+    """Write the built-in dataset into ``out``; return {"train", "validation", "sft": path}.
+    ``sft_answer_noise``: the fraction of warm-start responses that state a wrong answer (a
+    warm start on them knows the answer but says it with less confidence; see make_row)."""
     tasks, levels = tuple(tasks), tuple(int(v) for v in levels)
     bad = [t for t in tasks if t not in TASK_FNS]
     if bad or not tasks:
@@ -276,6 +286,8 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
             raise ValueError(f"{name} must be >= 0, got {n}")
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
+    if not 0.0 <= sft_answer_noise < 1.0:
+        raise ValueError(f"sft_answer_noise must be in [0, 1), got {sft_answer_noise}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, digests = {}, {}
@@ -283,7 +295,8 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
     for split, n in (("train", train_rows), ("validation", validation_rows), ("sft", sft_rows)):
         rows = []
         for i in range(n):
-            row, response = make_row(seed, split, i, tasks, levels)
+            row, response = make_row(seed, split, i, tasks, levels,
+                                     sft_answer_noise if split == "sft" else 0.0)
             if split == "sft":
                 row["response"] = response
             rows.append(row)
@@ -293,6 +306,7 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
         digests[split] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest = {"seed": seed, "tasks": list(tasks), "levels": list(levels),
                 "rows": {"train": train_rows, "validation": validation_rows, "sft": sft_rows},
+                "sft_answer_noise": sft_answer_noise,
                 "row_group_size": row_group_size, "sha256": digests}
     (out / "builtin.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return paths

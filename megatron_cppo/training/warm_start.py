@@ -7,7 +7,9 @@ Each of ``--warm-start-iters`` steps takes the next ``--global-batch-size`` rows
 data-parallel rank's contiguous share, and makes one ``sft_step`` (training/sft.py: response NLL,
 same layout, forward step and optimizer as the CPPO update) at the constant ``--warm-start-lr``;
 one console line and one ``warm_start.jsonl`` line (in the log dir) per step.
-The LR schedule is not advanced (it spans the CPPO steps); the Adam moments carry over. Skipped
+The LR schedule is not advanced (it spans the CPPO steps) and the Adam state is reset afterwards
+(``reset_optimizer_state``), so a run with a warm start continues like ``megatron-cppo sft``
+followed by ``megatron-cppo train --load``. Skipped
 when resuming (``--load``): a checkpoint already holds warm-started weights. With the KL term the
 reference would have to be the warm-started model, so ``--kl-coef`` must be 0 with a warm start
 (checked in the config).
@@ -71,4 +73,15 @@ def warm_start(cfg, policy, state, ctx, monitor, hf_dir: str) -> list[dict]:
     finally:
         for g, lr in zip(policy.optimizer.param_groups, lrs):
             g["lr"] = lr
+    reset_optimizer_state(policy.optimizer)
     return history
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Drop the Adam moments and step counts (torch's Adam re-creates them at the next step):
+    CPPO starts with a fresh optimizer after the warm start, exactly as ``megatron-cppo train
+    --load <megatron-cppo sft output>`` does. The warm start's moments describe another
+    objective (supervised NLL, 10x the learning rate); carried over, they would scale the first
+    RL steps by gradients of that objective."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt.optimizer.state.clear()

@@ -142,3 +142,22 @@ def test_deterministic_files_cli_and_reader(tmp_path, processor):
     from megatron_cppo.models.qwen2_5_vl.rope_index import mrope_position_ids
     want, _ = mrope_position_ids(ids, ds.rope_cfg, image_grid_N3=s.image_grid_thw)
     assert torch.equal(pos, want)
+
+
+def test_sft_answer_noise_states_a_wrong_answer_on_that_fraction_only():
+    """A noisy warm-start row keeps its image, question and ground truth and says another
+    answer of the same task (a well-formed response: format reward, no accuracy); the other rows
+    are unchanged, and 0 noise is the clean set."""
+    n, wrong = 400, 0
+    for i in range(n):
+        clean_row, clean = make_row(3, "sft", i, ("count", "color"), (0,))
+        row, response = make_row(3, "sft", i, ("count", "color"), (0,), answer_noise=0.3)
+        assert row == clean_row
+        truth = row["reward_model"]["ground_truth"]
+        score = cppo_reward(response, truth)
+        if response != clean:
+            wrong += 1
+            assert score.format == 1.0 and score.accuracy == 0.0, response
+        else:
+            assert score.score == 1.0
+    assert abs(wrong / n - 0.3) < 0.06
