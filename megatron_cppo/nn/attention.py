@@ -13,7 +13,7 @@ signature) and pick, per call:
     rows (flash kernel, no repeated K/V); ``torch.nn.attention.varlen.varlen_attn`` for packed
     sequences and ViT segments (no padding, no mask). torch 2.11's ``varlen_attn`` has neither
     ``enable_gqa`` nor ``is_causal``: K/V are repeated to the query heads there and causality is
-    ``window_size=(-1, 0)`` (docs/model-qwen2_5_vl.md, "Attention kernels").
+    ``window_size=(-1, 0)`` (docs/qwen2_5_vl-model.md, "Attention kernels").
 
 Packed sequences reach the core attention through the attention-mask argument: an int32
 ``cu_seqlens`` tensor [K + 1] (segment boundaries, in tokens, of the one packed row). megatron's

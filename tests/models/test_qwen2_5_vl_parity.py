@@ -240,7 +240,7 @@ def test_reference_is_meaningful(case_root):
 
 
 def test_loss_and_grad_norm_equal_across_layouts(case_root):
-    """The replay invariant (docs/model-qwen2_5_vl.md, "A tiny test model"): one recorded batch gives
+    """The replay invariant (docs/qwen2_5_vl-model.md, "A tiny test model"): one recorded batch gives
     the same loss (abs 1e-5) and gradient norm (rel 1e-5) at every layout, vision mode and
     pipeline split."""
     rows: dict = {}

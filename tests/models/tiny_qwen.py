@@ -1,7 +1,7 @@
 """Tiny random Qwen2.5-VL configs, checkpoints and batches, built locally (no hub access).
 
 This is the one tiny test configuration of the repository (tests, converter tests and the CPU
-benchmarks import it). It exercises every code path the real model has (docs/model-qwen2_5_vl.md, "A
+benchmarks import it). It exercises every code path the real model has (docs/qwen2_5_vl-model.md, "A
 tiny test model"): 3 ViT blocks with block 1 full attention and blocks 0, 2 windowed; images wider
 than one window (window 56 px = 2 x 2 merged tokens) of several sizes; GQA (4 heads, 2 KV
 groups); 4 LM layers (2 per stage at PP=2); tied and untied embeddings; a vocabulary that TP=2

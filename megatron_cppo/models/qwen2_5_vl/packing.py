@@ -8,7 +8,7 @@
 
 Every sample keeps its own M-RoPE ids [3, S_k] (``rope_index.mrope_position_ids``): the ids of a
 token depend on the images before it in its own sample, not on its offset in the packed row
-(docs/model-qwen2_5_vl.md). Images are concatenated in sample order, which is also the order of the
+(docs/qwen2_5_vl-model.md). Images are concatenated in sample order, which is also the order of the
 ``<|image_pad|>`` slots in the packed row, so the model splices them as for a padded batch.
 
 Any other per-token tensor of the samples (labels, loss_mask, old log-probs, advantages per token)
