@@ -190,11 +190,10 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
         ids_BS[b, :n] = torch.cat([s.prompt_ids, s.response_ids])
         pos_3BS[:, b, :n] = _positions(s, rope_cfg)
         index_BT[b, :lr] = torch.arange(lp - 1, lp - 1 + lr)
+        index_BT[b, lr:] = lp - 1  # padding entries: the prompt's last position (masked)
         mask_BT[b, :lr] = True
     labels_BS = torch.zeros_like(ids_BS)
     labels_BS[:, :-1] = ids_BS[:, 1:]
-    for b, s in enumerate(samples):  # padding entries: the prompt's last position (masked)
-        index_BT[b, s.response_ids.numel():] = s.prompt_ids.numel() - 1
 
     rows = list(range(B)) + rows_P + rows_P  # model rows: clean, I+, I-
     index_RT = index_BT[rows]

@@ -43,22 +43,28 @@ def default_root() -> Path:
                 ) / f"builtin-{VERSION}"
 
 
-def tiny_hf_config():
+def tiny_hf_config(*, vocab_size: int = MODEL_VOCAB, special_ids: dict | None = None,
+                   intermediate_size: int = 384, vision_intermediate_size: int = 128,
+                   max_position_embeddings: int = 2048):
+    """The built-in tiny Qwen2.5-VL (module docstring). The keyword arguments let the rollout
+    tests build the same architecture around their own small tokenizer (``special_ids``: the
+    Qwen2.5-VL special token -> id map, default the real tokenizer's)."""
     from transformers import Qwen2_5_VLConfig
 
-    from megatron_cppo.data.tokenizer import QWEN2_5_VL_SPECIAL_IDS as ids
+    from megatron_cppo.data.tokenizer import QWEN2_5_VL_SPECIAL_IDS
 
-    text = dict(vocab_size=MODEL_VOCAB, hidden_size=128, intermediate_size=384,
+    ids = special_ids or QWEN2_5_VL_SPECIAL_IDS
+    text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=intermediate_size,
                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                rms_norm_eps=1e-6, max_position_embeddings=2048,
+                rms_norm_eps=1e-6, max_position_embeddings=max_position_embeddings,
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                  "mrope_section": [8, 12, 12]},
                 tie_word_embeddings=False)
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, in_channels=3,
-                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                  fullatt_block_indexes=[1], out_hidden_size=128, hidden_act="silu",
-                  tokens_per_second=2)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=vision_intermediate_size,
+                  num_heads=2, in_channels=3, patch_size=14, temporal_patch_size=2,
+                  spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
+                  out_hidden_size=128, hidden_act="silu", tokens_per_second=2)
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                             image_token_id=ids["<|image_pad|>"],
                             video_token_id=ids["<|video_pad|>"],

@@ -58,26 +58,13 @@ def _tokenizer():
 
 
 def hf_config():
-    from transformers import Qwen2_5_VLConfig
+    """The built-in tiny architecture (training/builtin.py) around this module's tokenizer."""
+    from megatron_cppo.training.builtin import tiny_hf_config
 
-    ids = {name: BPE_SIZE + i for i, name in enumerate(SPECIALS)}
-    text = dict(vocab_size=MODEL_VOCAB, hidden_size=128, intermediate_size=256,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                rms_norm_eps=1e-6, max_position_embeddings=1024,
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": [8, 12, 12]},
-                tie_word_embeddings=False)
-    vision = dict(depth=2, hidden_size=64, intermediate_size=64, num_heads=2, in_channels=3,
-                  patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-                  fullatt_block_indexes=[1], out_hidden_size=128, hidden_act="silu",
-                  tokens_per_second=2)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                            image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"],
-                            vision_start_token_id=ids["<|vision_start|>"],
-                            vision_end_token_id=ids["<|vision_end|>"],
-                            tie_word_embeddings=False)
+    return tiny_hf_config(vocab_size=MODEL_VOCAB,
+                          special_ids={name: BPE_SIZE + i for i, name in enumerate(SPECIALS)},
+                          intermediate_size=256, vision_intermediate_size=64,
+                          max_position_embeddings=1024)
 
 
 def random_state(model, seed: int) -> None:
