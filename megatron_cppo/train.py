@@ -76,20 +76,41 @@ def with_builtin_defaults(argv: Sequence[str]) -> list[str]:
     return ["--config", BUILTIN_CONFIG] + argv
 
 
-def _launch_local(argv: list[str], nproc: int) -> int:
-    """Re-run this entry under torchrun with ``nproc`` local ranks; returns its exit status."""
-    import subprocess
+def check_outputs(cfg) -> None:
+    """Refuse, before any work, an output the run could only fail to write at its end."""
+    save = cfg.checkpoint.save
+    if cfg.data.sft_only and save is not None and os.path.exists(save):
+        raise ValueError(f"--save: {save} already exists; megatron-cppo sft writes a new "
+                         f"checkpoint there (remove it or choose another directory)")
 
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores: no oversubscription
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_cppo.train"] + argv
+
+def _launch_local(argv: list[str], nproc: int) -> int:
+    """Run this entry under torchrun's launcher (in this process) with ``nproc`` local ranks;
+    returns the exit status. A failing rank has printed its own one-line error: the launcher
+    adds one line naming it, not its traceback and failure table."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores: no oversubscription
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m",
+                                         "megatron_cppo.train", *argv])
     print(f"launching {nproc} local ranks: torchrun --standalone --nproc-per-node={nproc} "
           f"-m megatron_cppo.train {' '.join(argv)}", flush=True)
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:  # the ranks got the same SIGINT and stop on their own
-        return 130
+        torchrun(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        status = 128 - code if code < 0 else code  # a negative exit code is a signal number
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        print(f"error: rank {rank} exited with {how} (its message is above)", file=sys.stderr,
+              flush=True)
+        return status if 0 < status < 256 else 1
+    except SignalException as e:  # SIGINT / SIGTERM to the launcher: the ranks were stopped
+        return 128 + int(e.sigval)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -100,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     launched = "LOCAL_RANK" in os.environ
     try:
         cfg = parse_config(argv)
+        check_outputs(cfg)
         nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
         if not launched and nproc > 1:
             return _launch_local(argv, nproc)

@@ -232,10 +232,12 @@ def _png(img: Image.Image) -> bytes:
 
 
 def make_row(seed: int, split: str, i: int, tasks: tuple[str, ...], levels: tuple[int, ...],
-             answer_noise: float = 0.0) -> tuple[dict, str]:
+             answer_noise: float = 0.0, format_noise: float = 0.0) -> tuple[dict, str]:
     """(row in the reader's schema, warm-start response) of row ``i`` of ``split``. With
     ``answer_noise`` p, the warm-start response of a fraction p of the rows (own stream) states a
-    wrong answer: that of another draw of the same task and level (the ground truth stays)."""
+    wrong answer: that of another draw of the same task and level (the ground truth stays). With
+    ``format_noise`` q, that of a fraction q (another stream) states its answer without
+    ``\\boxed{}``: a response the reward scores 0 (no accuracy, no format)."""
     rng = np.random.default_rng([seed & 0xFFFFFFFF, SPLITS[split], i])
     task = tasks[int(rng.integers(len(tasks)))]
     level = int(levels[int(rng.integers(len(levels)))])
@@ -254,7 +256,10 @@ def make_row(seed: int, split: str, i: int, tasks: tuple[str, ...], levels: tupl
         "extra_info": {"index": i, "split": split, "task": task, "level": level,
                        "question": question, "answer": answer},
     }
-    response = f"<think>{said_thought}</think> The answer is \\boxed{{{said}}}."
+    format_rng = np.random.default_rng([seed & 0xFFFFFFFF, SPLITS[split], i, 2])
+    boxed = not (format_noise > 0 and format_rng.random() < format_noise)
+    said = f"\\boxed{{{said}}}" if boxed else said
+    response = f"<think>{said_thought}</think> The answer is {said}."
     return row, response
 
 
@@ -269,11 +274,12 @@ def _write(path: Path, rows: list[dict], row_group_size: int, schema: pa.Schema)
 def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: int = 2000,
                           validation_rows: int = 200, sft_rows: int = 500,
                           tasks: tuple[str, ...] = TASKS, levels: tuple[int, ...] = LEVELS,
-                          row_group_size: int = 256, sft_answer_noise: float = 0.0
-                          ) -> dict[str, str]:
+                          row_group_size: int = 256, sft_answer_noise: float = 0.0,
+                          sft_format_noise: float = 0.0) -> dict[str, str]:
     """Write the built-in dataset into ``out``; return {"train", "validation", "sft": path}.
     ``sft_answer_noise``: the fraction of warm-start responses that state a wrong answer (a
-    warm start on them knows the answer but says it with less confidence; see make_row)."""
+    warm start on them knows the answer but says it with less confidence); ``sft_format_noise``:
+    the fraction that leave the answer out of ``\\boxed{}`` (see make_row)."""
     tasks, levels = tuple(tasks), tuple(int(v) for v in levels)
     bad = [t for t in tasks if t not in TASK_FNS]
     if bad or not tasks:
@@ -286,8 +292,9 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
             raise ValueError(f"{name} must be >= 0, got {n}")
     if row_group_size < 1:
         raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
-    if not 0.0 <= sft_answer_noise < 1.0:
-        raise ValueError(f"sft_answer_noise must be in [0, 1), got {sft_answer_noise}")
+    for name, q in (("sft_answer_noise", sft_answer_noise), ("sft_format_noise", sft_format_noise)):
+        if not 0.0 <= q < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {q}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, digests = {}, {}
@@ -295,8 +302,10 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
     for split, n in (("train", train_rows), ("validation", validation_rows), ("sft", sft_rows)):
         rows = []
         for i in range(n):
+            sft = split == "sft"
             row, response = make_row(seed, split, i, tasks, levels,
-                                     sft_answer_noise if split == "sft" else 0.0)
+                                     sft_answer_noise if sft else 0.0,
+                                     sft_format_noise if sft else 0.0)
             if split == "sft":
                 row["response"] = response
             rows.append(row)
@@ -306,7 +315,7 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
         digests[split] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest = {"seed": seed, "tasks": list(tasks), "levels": list(levels),
                 "rows": {"train": train_rows, "validation": validation_rows, "sft": sft_rows},
-                "sft_answer_noise": sft_answer_noise,
+                "sft_answer_noise": sft_answer_noise, "sft_format_noise": sft_format_noise,
                 "row_group_size": row_group_size, "sha256": digests}
     (out / "builtin.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return paths
@@ -326,13 +335,18 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", default="0,1,2",
                     help="comma-separated difficulty levels (0 = easiest, one-word answers)")
     ap.add_argument("--row-group-size", type=int, default=256, help="parquet rows per row group")
+    ap.add_argument("--sft-answer-noise", type=float, default=0.0,
+                    help="fraction of warm-start responses stating a wrong answer")
+    ap.add_argument("--sft-format-noise", type=float, default=0.0,
+                    help="fraction of warm-start responses leaving the answer out of \\boxed{}")
     a = ap.parse_args(argv)
     try:
         paths = write_builtin_dataset(
             a.out, seed=a.seed, train_rows=a.train_rows, validation_rows=a.validation_rows,
             sft_rows=a.sft_rows, tasks=tuple(t for t in a.tasks.split(",") if t),
             levels=tuple(int(v) for v in a.levels.split(",") if v),
-            row_group_size=a.row_group_size)
+            row_group_size=a.row_group_size, sft_answer_noise=a.sft_answer_noise,
+            sft_format_noise=a.sft_format_noise)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

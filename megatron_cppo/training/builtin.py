@@ -12,10 +12,12 @@ are upscaled 2x). Why: with 4 image tokens among ~80 prompt tokens this model's 
 the answer template but never to read the image (answer accuracy at chance after 130 steps of 16
 rows); with 16 it did (teacher-forced answer accuracy 0.19 -> 0.47 by step 80). The dataset: the
 ``count`` and ``color`` tasks at level 0 (``python -m megatron_cppo.data.builtin``); in its
-warm-start set 30% of the responses state a wrong answer (``SFT_ANSWER_NOISE``), so the warm-
-started model reads the image but says the answer with less confidence than it could, as a
-pretrained model holds abilities that RL then draws out: CPPO's reward has something to sharpen
-within the built-in run's few minutes.
+warm-start set half of the responses give the (correct) answer without ``\\boxed{}``
+(``SFT_FORMAT_NOISE``), which the reward scores 0. What the CPPO phase can learn in a few minutes
+is what RL on a pretrained model learns first: to say what it knows in the rewarded form. Raising
+the accuracy of a model this small on what it sees takes far more images than 32 steps hold (a
+warm start with 30% wrong answers instead, built-in v3, left nothing RL could raise in 32 steps:
+benchmarks/RESULTS.md).
 
 Writes are atomic (a temporary sibling renamed into place), so ranks racing on a fresh machine
 either see nothing (and wait) or a complete directory.
@@ -32,8 +34,9 @@ from pathlib import Path
 MIN_PIXELS = MAX_PIXELS = 112 * 112
 MODEL_VOCAB = 151_680
 TASKS, LEVELS = ("count", "color"), (0,)
-SFT_ANSWER_NOISE = 0.3
-VERSION = "v3"  # bump when the model, processor or data change (a new cache directory)
+SFT_ANSWER_NOISE = 0.0
+SFT_FORMAT_NOISE = 0.5
+VERSION = "v4"  # bump when the model, processor or data change (a new cache directory)
 
 __all__ = ["prepare_builtin", "tiny_hf_config", "default_root"]
 
@@ -119,7 +122,8 @@ def prepare_builtin(root=None, *, rank: int = 0, seed: int = 0,
         _atomic(data, lambda d: write_builtin_dataset(d, seed=seed, train_rows=2000,
                                                       validation_rows=64, sft_rows=4096,
                                                       tasks=TASKS, levels=LEVELS,
-                                                      sft_answer_noise=SFT_ANSWER_NOISE))
+                                                      sft_answer_noise=SFT_ANSWER_NOISE,
+                                                      sft_format_noise=SFT_FORMAT_NOISE))
     deadline = time.monotonic() + timeout_s
     while not (hf.exists() and data.exists()):
         if time.monotonic() > deadline:

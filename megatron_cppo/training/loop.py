@@ -65,8 +65,9 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
         policy = build_policy(hf_config, state, settings, cfg.optimizer,
                               use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                               hf_state_dict=hf_sd, total_steps=total_steps)
-        log_dir = cfg.logging.log_dir or cfg.checkpoint.save or os.path.join(
-            "runs", time.strftime("%Y%m%d-%H%M%S"))
+        # sft's --save must not exist until its checkpoint is complete: logs go elsewhere
+        log_dir = cfg.logging.log_dir or (None if cfg.data.sft_only else cfg.checkpoint.save) \
+            or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
         monitor = Monitor(log_dir=log_dir, enabled=state.rank == 0,
                           tensorboard_dir=cfg.logging.tensorboard_dir,
                           wandb_project=cfg.logging.wandb_project,

@@ -161,3 +161,27 @@ def test_sft_answer_noise_states_a_wrong_answer_on_that_fraction_only():
         else:
             assert score.score == 1.0
     assert abs(wrong / n - 0.3) < 0.06
+
+
+def test_sft_format_noise_drops_the_box_on_that_fraction_only():
+    """A format-noise warm-start row keeps its image, question, ground truth and correct answer
+    but leaves the answer out of ``\\boxed{}``: the reward scores it 0 (unparsable, no format);
+    the other rows are the clean responses, and the answer-noise stream is independent."""
+    n, unboxed = 400, 0
+    for i in range(n):
+        clean_row, clean = make_row(3, "sft", i, ("count", "color"), (0,))
+        row, response = make_row(3, "sft", i, ("count", "color"), (0,), format_noise=0.5)
+        assert row == clean_row
+        truth = row["reward_model"]["ground_truth"]
+        score = cppo_reward(response, truth)
+        if response != clean:
+            unboxed += 1
+            assert response == clean.replace(f"\\boxed{{{truth}}}", truth)
+            assert score.score == 0.0 and score.unparsable, response
+        else:
+            assert score.score == 1.0
+        _, both = make_row(3, "sft", i, ("count", "color"), (0,), answer_noise=0.3,
+                           format_noise=0.5)
+        _, wrong_only = make_row(3, "sft", i, ("count", "color"), (0,), answer_noise=0.3)
+        assert (both == wrong_only) == (response == clean)
+    assert abs(unboxed / n - 0.5) < 0.07

@@ -14,6 +14,7 @@ Not proven here: learning (benchmarks/RESULTS.md has the default run's curve).
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,13 +23,14 @@ import pytest
 pytest.importorskip("vllm")
 
 
-def _cli(args, cache, timeout=900):
+def _cli(args, cache, timeout=900, cwd=None):
     env = {k: v for k, v in os.environ.items()
            if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(MEGATRON_CPPO_CACHE=str(cache), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore::UserWarning")
+               PYTHONWARNINGS="ignore::UserWarning",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "megatron_cppo.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_prepare_builtin_is_offline_and_idempotent(tmp_path):
@@ -49,17 +51,40 @@ def test_prepare_builtin_is_offline_and_idempotent(tmp_path):
 
 def test_sft_then_train_from_it(tmp_path):
     cache, sft = tmp_path / "cache", tmp_path / "sft"
-    r = _cli(["sft", "--warm-start-iters", "2", "--global-batch-size", "4",
-              "--micro-batch-size", "4", "--save", str(sft), "--log-dir", str(tmp_path / "log_sft"),
-              "--no-progress"], cache)
+    sft_args = ["sft", "--warm-start-iters", "2", "--global-batch-size", "4",
+                "--micro-batch-size", "4", "--save", str(sft), "--no-progress"]
+    r = _cli(sft_args, cache, cwd=tmp_path)  # no --log-dir: logs under ./runs, not in --save
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "launching 2 local ranks" in r.stdout
-    warm = [json.loads(x) for x in (tmp_path / "log_sft" / "warm_start.jsonl").read_text()
-            .splitlines()]
+    (log_sft,) = (tmp_path / "runs").iterdir()
+    warm = [json.loads(x) for x in (log_sft / "warm_start.jsonl").read_text().splitlines()]
     assert [x["warm_start_step"] for x in warm] == [1, 2]
     assert all(math.isfinite(x["sft_loss"]) for x in warm)
     assert (sft / "megatron_cppo.json").is_file() and not (sft / "trainer_state.pt").exists()
-    assert not (tmp_path / "log_sft" / "metrics.jsonl").read_text()  # no CPPO step ran
+    assert not (log_sft / "metrics.jsonl").read_text()  # no CPPO step ran
+
+    # an existing --save is refused before any rank starts (not after the warm start)
+    r = _cli(sft_args, cache, cwd=tmp_path)
+    assert r.returncode == 2 and "launching" not in r.stdout, r.stdout[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: --save: {sft} already exists; megatron-cppo sft writes a new checkpoint there "
+        f"(remove it or choose another directory)")
+
+    # an error only the ranks see (a damaged checkpoint shard) ends the run with the rank's
+    # status: its one-line error naming the file, then one launcher line, no launcher traceback
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sft, damaged)
+    shard = sorted((damaged / "model").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = _cli(["train", "--load", str(damaged), "--train-iters", "1", "--no-progress"], cache,
+             cwd=tmp_path)
+    assert r.returncode == 2 and "launching 2 local ranks" in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-3000:]
+    assert shard.name in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: rank "), r.stderr[-1000:]
 
     log = tmp_path / "log_train"
     r = _cli(["train", "--load", str(sft), "--train-iters", "1", "--eval-iters", "2",
