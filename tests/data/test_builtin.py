@@ -144,44 +144,44 @@ def test_deterministic_files_cli_and_reader(tmp_path, processor):
     assert torch.equal(pos, want)
 
 
-def test_sft_answer_noise_states_a_wrong_answer_on_that_fraction_only():
-    """A noisy warm-start row keeps its image, question and ground truth and says another
-    answer of the same task (a well-formed response: format reward, no accuracy); the other rows
-    are unchanged, and 0 noise is the clean set."""
-    n, wrong = 400, 0
+def _noisy_warm_start_rows(n=400, **noise):
+    """(clean response, noisy response, ground truth, reward of the noisy one) of n warm-start
+    rows; the noise never touches the row itself (image, question, ground truth)."""
     for i in range(n):
         clean_row, clean = make_row(3, "sft", i, ("count", "color"), (0,))
-        row, response = make_row(3, "sft", i, ("count", "color"), (0,), answer_noise=0.3)
+        row, response = make_row(3, "sft", i, ("count", "color"), (0,), **noise)
         assert row == clean_row
         truth = row["reward_model"]["ground_truth"]
-        score = cppo_reward(response, truth)
+        yield clean, response, truth, cppo_reward(response, truth)
+
+
+def test_sft_answer_noise_states_a_wrong_answer_on_that_fraction_only():
+    """A noisy warm-start row says another answer of the same task (a well-formed response:
+    format reward, no accuracy); the other rows are unchanged, and 0 noise is the clean set."""
+    wrong = 0
+    for clean, response, _, score in _noisy_warm_start_rows(answer_noise=0.3):
         if response != clean:
             wrong += 1
             assert score.format == 1.0 and score.accuracy == 0.0, response
         else:
             assert score.score == 1.0
-    assert abs(wrong / n - 0.3) < 0.06
+    assert abs(wrong / 400 - 0.3) < 0.06
 
 
 def test_sft_format_noise_drops_the_box_on_that_fraction_only():
-    """A format-noise warm-start row keeps its image, question, ground truth and correct answer
-    but leaves the answer out of ``\\boxed{}``: the reward scores it 0 (unparsable, no format);
-    the other rows are the clean responses, and the answer-noise stream is independent."""
-    n, unboxed = 400, 0
-    for i in range(n):
-        clean_row, clean = make_row(3, "sft", i, ("count", "color"), (0,))
-        row, response = make_row(3, "sft", i, ("count", "color"), (0,), format_noise=0.5)
-        assert row == clean_row
-        truth = row["reward_model"]["ground_truth"]
-        score = cppo_reward(response, truth)
-        if response != clean:
-            unboxed += 1
+    """A format-noise warm-start row keeps the correct answer but leaves it out of
+    ``\\boxed{}``: the reward scores it 0 (unparsable, no format); the other rows are the clean
+    responses, and the answer-noise stream is independent of the format-noise one."""
+    unboxed = []
+    for clean, response, truth, score in _noisy_warm_start_rows(format_noise=0.5):
+        unboxed.append(response != clean)
+        if unboxed[-1]:
             assert response == clean.replace(f"\\boxed{{{truth}}}", truth)
             assert score.score == 0.0 and score.unparsable, response
         else:
             assert score.score == 1.0
-        _, both = make_row(3, "sft", i, ("count", "color"), (0,), answer_noise=0.3,
-                           format_noise=0.5)
-        _, wrong_only = make_row(3, "sft", i, ("count", "color"), (0,), answer_noise=0.3)
-        assert (both == wrong_only) == (response == clean)
-    assert abs(unboxed / n - 0.5) < 0.07
+    assert abs(sum(unboxed) / 400 - 0.5) < 0.07
+    both = _noisy_warm_start_rows(answer_noise=0.3, format_noise=0.5)
+    wrong_only = _noisy_warm_start_rows(answer_noise=0.3)
+    for was_unboxed, (_, b, _, _), (_, w, _, _) in zip(unboxed, both, wrong_only):
+        assert (b == w) != was_unboxed
