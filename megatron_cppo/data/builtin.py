@@ -300,17 +300,16 @@ def write_builtin_dataset(out: str | os.PathLike, *, seed: int = 0, train_rows: 
     paths, digests = {}, {}
     sft_schema = ROW_SCHEMA.append(pa.field("response", pa.string()))
     for split, n in (("train", train_rows), ("validation", validation_rows), ("sft", sft_rows)):
-        rows = []
+        rows, sft = [], split == "sft"
         for i in range(n):
-            sft = split == "sft"
             row, response = make_row(seed, split, i, tasks, levels,
                                      sft_answer_noise if sft else 0.0,
                                      sft_format_noise if sft else 0.0)
-            if split == "sft":
+            if sft:
                 row["response"] = response
             rows.append(row)
         path = out / f"{split}.parquet"
-        _write(path, rows, row_group_size, sft_schema if split == "sft" else ROW_SCHEMA)
+        _write(path, rows, row_group_size, sft_schema if sft else ROW_SCHEMA)
         paths[split] = str(path)
         digests[split] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest = {"seed": seed, "tasks": list(tasks), "levels": list(levels),
