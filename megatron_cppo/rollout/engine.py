@@ -30,6 +30,7 @@ Shapes: token ids are lists of ints; log-probs are lists of floats, one per resp
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -96,6 +97,43 @@ def engine_environment(config: RolloutConfig) -> dict[str, str]:
     return {k: os.environ[k] for k in env}
 
 
+# vLLM notices that tell a trainer's user nothing, yet come every step:
+# (logger, message start, the layer classes it is harmless for or None: always).
+_KNOWN_NOTICES = (
+    # The CPU worker refuses torch.set_num_threads once its threads are bound, and vLLM's
+    # multimodal renderer sets them around every image it processes: nothing changes.
+    ("vllm.v1.worker.cpu_worker",
+     "CPU backend doesn't allow to use `torch.set_num_threads`", None),
+    # Layerwise reload: these layers hold buffers computed from the config (rotary tables, the
+    # image mean / std), not checkpoint weights, so a refit has nothing for them and vLLM puts
+    # them back as they were. Any other layer reported here still shows.
+    ("vllm.model_executor.model_loader.reload.layerwise", "%s: Failed to load weights",
+     frozenset({"RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm"})),
+)
+
+
+class KnownNoticeFilter(logging.Filter):
+    """Drops the records of ``_KNOWN_NOTICES``; everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        for _, start, layers in _KNOWN_NOTICES:
+            if msg.startswith(start) and (layers is None or (
+                    record.args and str(record.args[0]) in layers)):
+                return False
+        return True
+
+
+def quiet_known_notices(prefix: str = "") -> None:
+    """Put a ``KnownNoticeFilter`` on the loggers that emit ``_KNOWN_NOTICES`` (a logger's own
+    filters see its records whatever handlers vLLM configures later), once. ``prefix``: for
+    tests, a namespace in front of the logger names."""
+    for name, _, _ in _KNOWN_NOTICES:
+        logger = logging.getLogger(prefix + name)
+        if not any(isinstance(f, KnownNoticeFilter) for f in logger.filters):
+            logger.addFilter(KnownNoticeFilter())
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """Checksum of a tensor's bytes (dtype and shape included)."""
     t = t.detach().contiguous().cpu()
@@ -132,6 +170,7 @@ class VLLMEngine:
                                "use placement='process' (docs/rollout.md)")
         self.config = config
         engine_environment(config)
+        quiet_known_notices()
         from transformers import AutoTokenizer
         from vllm import LLM
 
