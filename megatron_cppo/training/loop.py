@@ -16,7 +16,7 @@ import torch
 
 from megatron_cppo.training import checkpoint as ckpt
 from megatron_cppo.training.config import TrainConfig, check_world
-from megatron_cppo.training.monitor import Monitor
+from megatron_cppo.training.monitor import Monitor, run_summary
 from megatron_cppo.training.trainer import PromptSource, RewardFn, RolloutSource, Trainer
 
 __all__ = ["Plugins", "run"]
@@ -112,6 +112,9 @@ def run(cfg: TrainConfig, make_plugins: Callable[..., Plugins]) -> list[dict]:
         return history
     finally:
         if monitor is not None:
+            summary = run_summary(monitor.history)
+            if summary is not None:
+                monitor.print(summary)
             png = monitor.close()
             if png is not None:
                 monitor.print(f"curves: {png}")

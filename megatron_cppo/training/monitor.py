@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-__all__ = ["Monitor", "plot_curves"]
+__all__ = ["Monitor", "plot_curves", "run_summary"]
 
 CONSOLE_KEYS = (("reward_mean", "reward", ".3f"), ("acc_rate", "acc", ".3f"),
                 ("loss", "loss", ".4f"), ("pg_loss", "pg", ".4f"), ("kl_loss", "kl", ".4f"),
@@ -123,6 +123,32 @@ class Monitor:
         if self._wandb is not None:
             self._wandb.finish()
         return png
+
+
+def run_summary(history: Sequence[dict]) -> Optional[str]:
+    """One line for the end of a run: mean reward (and format rate) of the first and the last
+    quarter of the steps, and the first and last validation accuracy; None before 4 steps."""
+    steps = [h for h in history if "reward_mean" in h]
+    if len(steps) < 4:
+        return None
+    q = len(steps) // 4
+
+    def mean(rows, key):
+        vals = [h[key] for h in rows if key in h]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def span(rows):
+        return f"steps {int(rows[0]['step'])}-{int(rows[-1]['step'])}"
+
+    first, last = steps[:q], steps[-q:]
+    line = (f"reward {mean(first, 'reward_mean'):.3f} ({span(first)}) -> "
+            f"{mean(last, 'reward_mean'):.3f} ({span(last)}); format rate "
+            f"{mean(first, 'format_rate'):.3f} -> {mean(last, 'format_rate'):.3f}")
+    val = [h for h in history if "val_acc" in h]
+    if len(val) >= 2:
+        line += (f"; validation accuracy {val[0]['val_acc']:.3f} (step {int(val[0]['step'])}) "
+                 f"-> {val[-1]['val_acc']:.3f} (step {int(val[-1]['step'])})")
+    return line
 
 
 def plot_curves(history: Sequence[dict], path: os.PathLike) -> Path:
