@@ -5,9 +5,11 @@ Proven: the built-in tiny Qwen2.5-VL (real Qwen2.5 tokenizer, 151,665 tokens; ou
 to 151,680 rows) and the built-in dataset are prepared offline into ``$MEGATRON_CPPO_CACHE`` once
 (a second call rewrites nothing); a command outside torchrun launches itself on tp x pp local
 ranks (the built-in config: TP 2); ``sft`` runs only the warm start (no rollout engine) and saves
-a weights-only checkpoint; ``train --load`` finds the HF directory that checkpoint records (for the
-tokenizer and the vLLM engine), keeps the built-in config, skips the warm start and runs a CPPO
-step with vLLM rollouts, validation and finite metrics; both exit 0.
+a weights-only checkpoint (its logs under ./runs, not in --save); ``train --load`` finds the HF
+directory that checkpoint records (for the tokenizer and the vLLM engine), keeps the built-in
+config, skips the warm start and runs a CPPO step with vLLM rollouts, validation and finite
+metrics; both exit 0. An existing ``--save`` is refused before any rank starts; an error only the
+ranks see (a damaged shard) ends the run with the rank's status and one launcher line.
 Not proven here: learning (benchmarks/RESULTS.md has the default run's curve).
 """
 
