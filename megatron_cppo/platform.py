@@ -346,3 +346,15 @@ def import_qwen_vl_utils():
     finally:
         for name in standins:
             sys.modules.pop(name, None)
+
+
+def quiet_library_warnings() -> None:
+    """megatron-core and torch warn on import about missing apex / transformer-engine (optional
+    GPU accelerations, absent on CPU by design) and about deprecations, once per process: with
+    tp x pp ranks that buries a command's own output (pytest.ini filters the same messages)."""
+    import warnings
+
+    for pattern in (r".*Apex is not installed.*", r".*Transformer Engine and Apex are not.*",
+                    r"full scope is deprecated.*", r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+                    r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)

@@ -114,6 +114,9 @@ def _launch_local(argv: list[str], nproc: int) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_cppo.platform import quiet_library_warnings
+
+    quiet_library_warnings()  # before megatron-core is imported (launcher and every rank)
     from megatron_cppo.training.config import parse_config
     from megatron_cppo.training.loop import run
 

@@ -282,7 +282,7 @@ def _split(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> int:
     # imported here: `--help` and argument errors stay fast (no megatron / transformers import)
     from megatron_cppo.convert import checkpoint
-    from megatron_cppo.convert.verify import quiet_library_warnings
+    from megatron_cppo.platform import quiet_library_warnings
 
     quiet_library_warnings()
 

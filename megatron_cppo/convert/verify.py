@@ -47,6 +47,8 @@ from typing import Optional
 
 import torch
 
+from megatron_cppo.platform import quiet_library_warnings
+
 # Defaults by the checkpoint's stored dtype: (max abs logit diff, mean KL in nats). For bf16 /
 # fp16 the abs tolerance is a fraction of the largest |HF logit|: rounding the weights moves the
 # logits in proportion to their scale. Measured on the tiny test model (fp32 HF directory): a
@@ -56,18 +58,6 @@ FP32_TOLERANCE, FP32_KL_TOLERANCE = 1e-4, 1e-6
 LOW_PRECISION_REL_TOLERANCE, LOW_PRECISION_KL_TOLERANCE = 0.05, 1e-3
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-
-
-def quiet_library_warnings() -> None:
-    """megatron-core and torch warn on import about missing apex / transformer-engine and about
-    deprecations, once per process: with tp x pp ranks that buries verify's report (pytest.ini
-    filters the same messages)."""
-    import warnings
-
-    for pattern in (r".*Apex is not installed.*", r".*Transformer Engine and Apex are not.*",
-                    r"full scope is deprecated.*", r".*CUDA_DEVICE_MAX_CONNECTIONS.*",
-                    r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern)
 
 
 def precision_flags() -> dict:

@@ -302,6 +302,9 @@ def _attach(name: str) -> _Attached:
 def _serve(config: RolloutConfig, owner: Connection, target: RefitTarget) -> None:
     """Engine process main loop."""
     try:
+        from megatron_cppo.platform import quiet_library_warnings  # importing activates nothing
+
+        quiet_library_warnings()
         from megatron_cppo.rollout.engine import VLLMEngine
 
         engine = VLLMEngine(config)
