@@ -48,8 +48,7 @@ def resolve_sources(cfg) -> None:
         return
     from megatron_cppo.training.builtin import prepare_builtin
 
-    hf_dir, data_dir = prepare_builtin(rank=int(os.environ.get("RANK", "0")),
-                                       seed=cfg.optimizer.seed)
+    hf_dir, data_dir = prepare_builtin(rank=int(os.environ.get("RANK", "0")))
     if cfg.model.hf_dir is None and cfg.checkpoint.load is None:
         cfg.model.hf_dir = hf_dir
     if cfg.data.data_path is None:

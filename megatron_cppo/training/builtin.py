@@ -37,6 +37,9 @@ TASKS, LEVELS = ("count", "color"), (0,)
 SFT_ANSWER_NOISE = 0.0
 SFT_FORMAT_NOISE = 0.5
 VERSION = "v4"  # bump when the model, processor or data change (a new cache directory)
+# The seed of the model's initialisation and of the dataset: fixed, not the run's --seed, so a run
+# sees the same files whether it wrote the cache or found it (1234: the built-in config's seed).
+SEED = 1234
 
 __all__ = ["prepare_builtin", "tiny_hf_config", "default_root"]
 
@@ -109,7 +112,7 @@ def _atomic(dst: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_builtin(root=None, *, rank: int = 0, seed: int = 0,
+def prepare_builtin(root=None, *, rank: int = 0, seed: int = SEED,
                     timeout_s: float = 900.0) -> tuple[str, str]:
     """(HF model dir, dataset dir) under ``root`` (default: the cache); rank 0 writes what is
     missing, the other ranks wait for it."""

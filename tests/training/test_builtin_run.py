@@ -39,9 +39,11 @@ def test_prepare_builtin_is_offline_and_idempotent(tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_cppo.models.qwen2_5_vl import load_hf_config
-    from megatron_cppo.training.builtin import MODEL_VOCAB, prepare_builtin
+    from megatron_cppo.training.builtin import MODEL_VOCAB, SEED, prepare_builtin
 
     hf, data = prepare_builtin(tmp_path)
+    # a fixed seed, not the run's: the same files whether a run writes the cache or finds it
+    assert json.loads(open(os.path.join(data, "builtin.json")).read())["seed"] == SEED
     assert len(AutoTokenizer.from_pretrained(hf)) == 151_665
     assert load_hf_config(hf).text_config.vocab_size == MODEL_VOCAB == 151_680
     files = sorted(os.listdir(data))
