@@ -34,7 +34,6 @@ from pathlib import Path
 MIN_PIXELS = MAX_PIXELS = 112 * 112
 MODEL_VOCAB = 151_680
 TASKS, LEVELS = ("count", "color"), (0,)
-SFT_ANSWER_NOISE = 0.0
 SFT_FORMAT_NOISE = 0.5
 VERSION = "v4"  # bump when the model, processor or data change (a new cache directory)
 # The seed of the model's initialisation and of the dataset: fixed, not the run's --seed, so a run
@@ -125,7 +124,6 @@ def prepare_builtin(root=None, *, rank: int = 0, seed: int = SEED,
         _atomic(data, lambda d: write_builtin_dataset(d, seed=seed, train_rows=2000,
                                                       validation_rows=64, sft_rows=4096,
                                                       tasks=TASKS, levels=LEVELS,
-                                                      sft_answer_noise=SFT_ANSWER_NOISE,
                                                       sft_format_noise=SFT_FORMAT_NOISE))
     deadline = time.monotonic() + timeout_s
     while not (hf.exists() and data.exists()):
