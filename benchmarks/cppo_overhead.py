@@ -9,8 +9,12 @@ step per call, megatron's schedule, the vocab-parallel head, CPPOLoss) three way
   grpo        --cpl-coef 0: the clean pass only
   cppo        the default: I+ and I- views only for responses with advantage > 0 (fraction f)
   cppo_noskip the I+/I- views of every response (what the reference recipe runs)
+  cppo_packed the default with --sequence-packing: each micro-batch's rows (every view) back to
+              back in one row, no padding tokens
 Prints the median time per update and the ratios to GRPO next to the target 1 + 2f (the perturbed
-passes cost about what the clean pass costs per sample; the reference pays about 3x).
+passes cost about what the clean pass costs per sample; the reference pays about 3x), and packed
+against padded. Response lengths are ``--response`` tokens, or uniform in [``--response-min``,
+``--response``] (padding is what packing saves).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.model_step import tiny_hf_config  # noqa: E402
 
 
-def make_samples(hf_config, *, prompts, n, response, image_hw, seed=0):
+def make_samples(hf_config, *, prompts, n, response, image_hw, response_min=None, seed=0):
     from megatron_cppo.algorithms import grpo_advantages
     from megatron_cppo.training.batch import Sample
 
@@ -46,7 +50,9 @@ def make_samples(hf_config, *, prompts, n, response, image_hw, seed=0):
                          torch.randint(2, vocab, (12,), generator=g)])
         pixels = torch.randn(h * w, patch_dim, generator=g)
         for _ in range(n):
-            s = Sample(prompt_ids=ids, response_ids=torch.randint(2, vocab, (response,),
+            length = response if response_min is None else int(
+                torch.randint(response_min, response + 1, (), generator=g))
+            s = Sample(prompt_ids=ids, response_ids=torch.randint(2, vocab, (length,),
                                                                   generator=g),
                        group_id=p, pixel_values=pixels, image_grid_thw=torch.tensor([[1, h, w]]),
                        plus_pixel_values=0.9 * pixels,
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--response", type=int, default=48, help="response tokens per sample")
+    p.add_argument("--response-min", type=int, default=None,
+                   help="response lengths uniform in [this, --response] (default: all equal)")
     p.add_argument("--image-patches", default="8,8", help="h,w patches of each prompt's image")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
@@ -87,16 +95,18 @@ def main(argv=None) -> int:
     state = initialize_parallel(ParallelConfig())
     h, w = (int(x) for x in args.image_patches.split(","))
     samples = make_samples(hf, prompts=args.prompts, n=args.n, response=args.response,
-                           image_hw=(h, w))
+                           response_min=args.response_min, image_hw=(h, w))
     f = sum(s.advantage > 0 for s in samples) / len(samples)
     policy = build_policy(hf, state, Qwen25VLModelConfig(perform_initialization=True),
                           OptimizerConfig(lr=1e-6, global_batch_size=len(samples),
                                           micro_batch_size=args.micro_batch_size))
-    variants = {"grpo": (0.0, False), "cppo": (0.01, False), "cppo_noskip": (0.01, True)}
+    variants = {"grpo": (0.0, False, False), "cppo": (0.01, False, False),
+                "cppo_noskip": (0.01, True, False), "cppo_packed": (0.01, False, True)}
     times = {}
-    for name, (cpl, perturb_all) in variants.items():
+    for name, (cpl, perturb_all, packing) in variants.items():
         ctx = UpdateContext(state=state, rope_cfg=MRopeIndexConfig.from_hf(hf),
-                            micro_batch_size=args.micro_batch_size, perturb_all=perturb_all)
+                            micro_batch_size=args.micro_batch_size, perturb_all=perturb_all,
+                            sequence_packing=packing)
         for s, lp in zip(samples, compute_log_probs(policy.chunks, samples, ctx)):
             s.old_log_probs, s.ref_log_probs = lp, lp
         loss_fn = CPPOLoss(CPPOLossConfig(cpl_coef=cpl))
@@ -108,14 +118,17 @@ def main(argv=None) -> int:
                 runs.append(time.perf_counter() - t0)
         times[name] = statistics.median(runs)
     destroy_parallel()
-    print(f"{len(samples)} responses ({args.prompts} prompts x {args.n}), {args.response} response "
-          f"tokens, {h}x{w}-patch images, micro-batch {args.micro_batch_size}; "
-          f"f = {f:.2f} (advantage > 0)")
+    lengths = [s.response_ids.numel() for s in samples]
+    print(f"{len(samples)} responses ({args.prompts} prompts x {args.n}), {min(lengths)}-"
+          f"{max(lengths)} response tokens (mean {statistics.mean(lengths):.1f}), {h}x{w}-patch "
+          f"images, micro-batch {args.micro_batch_size}; f = {f:.2f} (advantage > 0)")
     print("| variant | update s | / grpo | target |")
     print("|---|---|---|---|")
     for name, t in times.items():
-        target = {"grpo": "1", "cppo": f"<= {1 + 2 * f:.2f}", "cppo_noskip": "~3"}[name]
+        target = {"grpo": "1", "cppo": f"<= {1 + 2 * f:.2f}", "cppo_noskip": "~3",
+                  "cppo_packed": "<= cppo"}[name]
         print(f"| {name} | {t:.3f} | {t / times['grpo']:.2f} | {target} |")
+    print(f"packed / padded (cppo): {times['cppo_packed'] / times['cppo']:.2f}")
     return 0
 
 

@@ -7,8 +7,9 @@ fill the ``core_attention`` slot of a megatron ``ModuleSpec`` (same constructor 
 signature) and pick, per call:
 
   * CPU (and CUDA in fp32): ``scaled_dot_product_attention`` with its default CPU dispatch; packed
-    segments are gathered into [K, h, L, D] with a key mask, as the ViT did before (exact,
-    O(K L^2) memory; fine at CPU sizes).
+    segments are gathered into right-padded [K, h, L, D] (causal: no mask needed, as for padded
+    rows; the ViT's bidirectional segments: a key mask, as the ViT did before; exact, O(K L^2)
+    memory; fine at CPU sizes).
   * CUDA, bf16/fp16: ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` for padded
     rows (flash kernel, no repeated K/V); ``torch.nn.attention.varlen.varlen_attn`` for packed
     sequences and ViT segments (no padding, no mask). torch 2.11's ``varlen_attn`` has neither
@@ -56,26 +57,31 @@ def _repeat_kv(k_ThD: torch.Tensor, heads: int) -> torch.Tensor:
 
 def padded_segments_attention(q_ThD, k_TgD, v_TgD, cu_K1, *, scale: float,
                               causal: bool) -> torch.Tensor:
-    """Attention within segments of one packed row through SDPA on segments padded to the longest
-    with a key mask (query rows past a segment's end still see its first key: no NaN; dropped).
+    """Attention within segments of one packed row through SDPA on segments right-padded to the
+    longest. Causal: no mask, as for padded rows (a valid query's keys are all valid). Otherwise
+    a key mask (query rows past a segment's end still see its first key: no NaN; dropped).
     [T, h, D] -> [T, h, D]."""
-    heads = q_ThD.shape[1]
-    k_ThD, v_ThD = _repeat_kv(k_TgD, heads), _repeat_kv(v_TgD, heads)
     cu = cu_K1.to(device=q_ThD.device, dtype=torch.long)
     len_K = cu[1:] - cu[:-1]
     longest = int(len_K.max())
     j_L = torch.arange(longest, device=q_ThD.device)
     valid_KL = j_L[None, :] < len_K[:, None]
     idx_KL = torch.where(valid_KL, cu[:-1, None] + j_L[None, :], 0)
-    mask_K11L = valid_KL[:, None, None, :]
-    if causal:
-        mask_K11L = mask_K11L & (j_L[None, :] <= j_L[:, None])[None, None]
 
-    def segments(x_ThD):  # [K, h, L, D]
+    def segments(x_ThD):  # [K, h|g, L, D]
         return x_ThD[idx_KL].transpose(1, 2)
 
-    out_KhLD = F.scaled_dot_product_attention(segments(q_ThD), segments(k_ThD),
-                                              segments(v_ThD), attn_mask=mask_K11L, scale=scale)
+    heads, groups = q_ThD.shape[1], k_TgD.shape[1]
+    if causal:
+        gqa = dict(enable_gqa=True) if groups != heads else {}
+        out_KhLD = F.scaled_dot_product_attention(segments(q_ThD), segments(k_TgD),
+                                                  segments(v_TgD), is_causal=True, scale=scale,
+                                                  **gqa)
+    else:
+        out_KhLD = F.scaled_dot_product_attention(
+            segments(q_ThD), segments(_repeat_kv(k_TgD, heads)),
+            segments(_repeat_kv(v_TgD, heads)), attn_mask=valid_KL[:, None, None, :],
+            scale=scale)
     return out_KhLD.transpose(1, 2)[valid_KL]
 
 

@@ -18,8 +18,16 @@ point at a valid position and are masked), so the model computes logits at respo
 only (the vocabulary projection is the costliest part of a small model's step, and prompts with
 images are long); ``labels_RT`` are the response ids they score.
 
+Packed micro-batch (``collate(..., packed=True)``, the trainer's ``--sequence-packing``): the same R
+model rows back to back in one row without padding, ``input_ids`` [1, N] with N = sum of the rows'
+lengths, each token keeping its own M-RoPE ids, ``cu_seqlens`` int32 [R + 1] the row boundaries
+(attention stays within a row: models/qwen2_5_vl/packing.py), ``logit_index`` [1, R * T] the same
+response positions shifted by each row's offset, and ``logit_rows`` = (R, T): the last stage's
+[1, R * T, V] logits reach the loss head as [R, T, V] (forward_step.run_pipeline), so loss heads
+read both forms alike. Every other field is the same as padded.
+
 Shapes: B clean rows, P rows with perturbed views, R = B + 2P model rows, S padded length, T the
-longest response, 3 M-RoPE axes, D patch dim, N images.
+longest response, 3 M-RoPE axes, D patch dim, N images (packed: N tokens).
 """
 
 from __future__ import annotations
@@ -164,10 +172,10 @@ def _positions(sample: Sample, rope_cfg) -> torch.Tensor:
 
 
 def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
-            *, with_training_targets: bool = True) -> dict:
+            *, with_training_targets: bool = True, packed: bool = False) -> dict:
     """One micro-batch (see the module docstring). ``needs_views_B`` bool [B]: rows whose I+/I-
     views run. With ``with_training_targets`` the trainer-filled fields (advantage, old and
-    reference log-probs) are collated too."""
+    reference log-probs) are collated too; with ``packed`` the model rows are packed into one."""
     B = len(samples)
     need = needs_views_B.bool().tolist()
     if len(need) != B:
@@ -215,6 +223,8 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
         response_index_BT=index_BT, response_mask_BT=mask_BT,
         num_model_tokens=int(sum(sample_cost(s, need[i]) for i, s in enumerate(samples))),
     )
+    if packed:
+        _pack_rows(mb, [samples[b].num_tokens for b in rows])
     if with_training_targets:
         def pad(name):
             out = torch.zeros(B, T, dtype=torch.float32)
@@ -230,6 +240,21 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
         if all(s.ref_log_probs is not None for s in samples):
             mb["ref_log_probs_BT"] = pad("ref_log_probs")
     return mb
+
+
+def _pack_rows(mb: dict, lengths_R: list[int]) -> None:
+    """Padded model rows of ``mb`` -> one packed row, in place (the module docstring's layout)."""
+    R, T = mb["logit_index_RT"].shape
+    cu_R1 = torch.zeros(R + 1, dtype=torch.int32)
+    cu_R1[1:] = torch.cumsum(torch.tensor(lengths_R), 0)
+    ids_RS, pos_3RS = mb["input_ids"], mb["position_ids"]
+    mb["input_ids"] = torch.cat([ids_RS[r, :n] for r, n in enumerate(lengths_R)])[None]
+    mb["position_ids"] = torch.cat([pos_3RS[:, r, :n] for r, n in enumerate(lengths_R)],
+                                   dim=1)[:, None]
+    offset_R1 = cu_R1[:-1, None].long()
+    mb["logit_index_RT"] = (mb["logit_index_RT"] + offset_R1).reshape(1, R * T)
+    mb["cu_seqlens"] = cu_R1
+    mb["logit_rows"] = (R, T)
 
 
 def to_device(mb: dict, device: torch.device) -> dict:

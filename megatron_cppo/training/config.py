@@ -109,12 +109,31 @@ class ModelConfig:
                                        "default: the built-in tiny model")
     bf16: bool = _opt(False, "bf16 parameters and activations (fp32 otherwise)")
     recompute_granularity: Optional[str] = _opt(
-        None, "activation recomputation: full or selective (Megatron's spelling)")
+        None, "activation recomputation of the language model: selective (core attention) or "
+              "full (whole layers)")
+    recompute_method: Optional[str] = _opt(
+        None, "with --recompute-granularity full: uniform (every layer, in groups of "
+              "--recompute-num-layers) or block (the first --recompute-num-layers layers of each "
+              "pipeline stage); default uniform")
+    recompute_num_layers: Optional[int] = _opt(
+        None, "with --recompute-granularity full: layers per group (uniform) or per stage "
+              "(block); default 1")
     reference_cpu_offload: bool = _opt(False, "keep the frozen reference model in CPU memory "
                                               "between its passes")
 
     def __post_init__(self):
         _check_choice(self, "recompute_granularity", ("full", "selective"), optional=True)
+        _check_choice(self, "recompute_method", ("uniform", "block"), optional=True)
+        _check_int(self, "recompute_num_layers", 1, optional=True)
+        if self.recompute_granularity != "full":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    raise _bad(name, "applies to --recompute-granularity full only")
+        else:  # Megatron-LM requires both; the defaults recompute every layer (least memory)
+            if self.recompute_method is None:
+                self.recompute_method = "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
 
 
 @dataclass(kw_only=True)
@@ -125,6 +144,9 @@ class OptimizerConfig:
     max_tokens_per_microbatch: Optional[int] = _opt(
         None, "token budget of a micro-batch instead of a fixed size: text tokens plus image "
               "patches, counted for every view")
+    sequence_packing: bool = _opt(False, "pack each micro-batch's sequences (every view) back "
+                                         "to back in one row: no padding tokens through the "
+                                         "model; same losses as padded rows")
     global_batch_size: int = _opt(40, "responses per optimizer step, over all data-parallel ranks")
     lr: float = _opt(1e-6, "peak learning rate")
     min_lr: float = _opt(0.0, "learning rate at the end of the decay")

@@ -7,7 +7,8 @@ stage), and optionally ``pixel_values`` [P, patch_dim] / ``image_grid_thw`` [N, 
 the micro-batch's rows in row order; the first stage only), optionally ``cu_seqlens`` [N + 1] for a
 packed micro-batch (B = 1, sequences back to back; models/qwen2_5_vl/packing.py), plus whatever
 the loss head reads; with ``logit_index_RT`` [B, T] the last stage computes logits at those
-positions only (the trainer's micro-batches: response positions, training/batch.py).
+positions only (the trainer's micro-batches: response positions, training/batch.py; packed, with
+``logit_rows`` = (R, T), the [1, R * T] positions' logits reach the loss head as [R, T, V]).
 Per stage: the first stage takes ids and pixels, later stages only positions (hidden states arrive
 through the pipeline); the last stage's chunk returns vocab-sharded logits [B, S|T, Vp/TP] that go to
 ``loss_head(microbatch, logits_BSV) -> (loss, metrics)``.
@@ -48,6 +49,13 @@ def chunk_forward(chunk: torch.nn.Module, mb: dict) -> torch.Tensor:
                  cu_seqlens=mb.get("cu_seqlens"), logit_index=mb.get("logit_index_RT"))
 
 
+def _logit_rows(mb: dict, logits_BSV: torch.Tensor) -> torch.Tensor:
+    """A packed micro-batch's logits [1, R * T, V] as the [R, T, V] rows its loss head reads
+    (``logit_rows``, training/batch.py); any other micro-batch's unchanged."""
+    rows = mb.get("logit_rows")
+    return logits_BSV if rows is None else logits_BSV.reshape(*rows, logits_BSV.shape[-1])
+
+
 def run_pipeline(chunks: Sequence[torch.nn.Module], microbatches: Sequence[dict],
                  loss_head: LossHead, *, forward_only: bool = False) -> list[dict]:
     """Megatron's schedule (1F1B, interleaved with VPP, or no pipelining) over ``microbatches``.
@@ -66,7 +74,7 @@ def run_pipeline(chunks: Sequence[torch.nn.Module], microbatches: Sequence[dict]
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
         output = chunk_forward(chunk, mb)
-        return output, lambda logits_BSV: loss_head(mb, logits_BSV)
+        return output, lambda logits_BSV: loss_head(mb, _logit_rows(mb, logits_BSV))
 
     iterator = ([iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches))
     with torch.no_grad() if forward_only else torch.enable_grad():

@@ -135,10 +135,9 @@ def _sft_only(cfg, policy, state, hf_config, monitor) -> list[dict]:
     if cfg.data.sft_data_path is None:
         raise ValueError("--sft-data-path: needed by --sft-only")
     processor, _ = load_processor(cfg.model.hf_dir)
-    ctx = UpdateContext(state=state, rope_cfg=MRopeIndexConfig.from_hf(hf_config),
-                        valid_vocab=len(processor.tokenizer),
-                        micro_batch_size=cfg.optimizer.micro_batch_size,
-                        max_tokens_per_microbatch=cfg.optimizer.max_tokens_per_microbatch)
+    ctx = UpdateContext.from_config(cfg, state=state,
+                                    rope_cfg=MRopeIndexConfig.from_hf(hf_config),
+                                    valid_vocab=len(processor.tokenizer))
     history = warm_start(cfg, policy, state, ctx, monitor, cfg.model.hf_dir)
     ckpt.save_megatron_checkpoint(policy.raw_chunks(), cfg.checkpoint.save, state,
                                   hf_config=hf_config, source_hf_dir=cfg.model.hf_dir)

@@ -27,18 +27,14 @@ def model_settings(cfg) -> Any:
     """``Qwen25VLModelConfig`` from the trainer config's model and parallel sections."""
     from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig
 
-    kwargs = dict(
+    return Qwen25VLModelConfig(
         vision_parallel_mode=cfg.parallel.vision_parallel_mode,
         num_layers_in_first_pipeline_stage=cfg.parallel.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=cfg.parallel.decoder_last_pipeline_num_layers,
-        dtype="bf16" if cfg.model.bf16 else "fp32")
-    if cfg.model.recompute_granularity is not None:
-        fields = Qwen25VLModelConfig.__dataclass_fields__
-        if "recompute_granularity" not in fields:
-            raise ValueError("--recompute-granularity: this model build has no activation "
-                             "recomputation yet")
-        kwargs["recompute_granularity"] = cfg.model.recompute_granularity
-    return Qwen25VLModelConfig(**kwargs)
+        dtype="bf16" if cfg.model.bf16 else "fp32",
+        recompute_granularity=cfg.model.recompute_granularity,
+        recompute_method=cfg.model.recompute_method,
+        recompute_num_layers=cfg.model.recompute_num_layers)
 
 
 @dataclass

@@ -16,9 +16,15 @@ from typing import Sequence
 import torch
 
 from megatron_cppo.ops.vocab_parallel import log_probs_and_entropy
-from megatron_cppo.training.batch import Sample, collate, to_device
+from megatron_cppo.training.batch import Sample
 from megatron_cppo.training.forward_step import run_pipeline
-from megatron_cppo.training.update import StepResult, UpdateContext, _step, partition
+from megatron_cppo.training.update import (
+    StepResult,
+    UpdateContext,
+    _step,
+    micro_batches,
+    partition,
+)
 
 __all__ = ["sft_loss_head", "sft_step"]
 
@@ -41,9 +47,8 @@ def sft_step(chunks: Sequence[torch.nn.Module], optimizer, samples: Sequence[Sam
              ctx: UpdateContext, *, scheduler=None) -> StepResult:
     """One optimizer step of supervised fine-tuning on this data-parallel rank's samples."""
     groups = partition(samples, [False] * len(samples), ctx)
-    mbs = [to_device(collate([samples[i] for i in g], torch.zeros(len(g), dtype=torch.bool),
-                             ctx.rope_cfg, with_training_targets=False), ctx.state.device)
-           for g in groups]
+    mbs = micro_batches(samples, groups, torch.zeros(len(samples), dtype=torch.bool), ctx,
+                        targets=False)
     for c in chunks:
         c.train()
         c.zero_grad_buffer()

@@ -149,10 +149,8 @@ class Trainer:
         self.counters = TrainerState()
         self.last_samples: list[Sample] = []
         self.start: Optional[dict] = None  # where the start (= reference) weights came from
-        self.ctx = UpdateContext(
-            state=state, rope_cfg=rope_cfg, temperature=cfg.rollout.rollout_temperature,
-            valid_vocab=valid_vocab, micro_batch_size=cfg.optimizer.micro_batch_size,
-            max_tokens_per_microbatch=cfg.optimizer.max_tokens_per_microbatch)
+        self.ctx = UpdateContext.from_config(cfg, state=state, rope_cfg=rope_cfg,
+                                             valid_vocab=valid_vocab)
         self.loss_fn = CPPOLoss(cfg.loss_config(), tp_group=state.tp_group,
                                 temperature=cfg.rollout.rollout_temperature,
                                 valid_vocab=valid_vocab)

@@ -41,7 +41,8 @@ from megatron_cppo.training.batch import (
 )
 from megatron_cppo.training.forward_step import run_pipeline
 
-__all__ = ["UpdateContext", "compute_log_probs", "partition", "update_mini_batch"]
+__all__ = ["UpdateContext", "compute_log_probs", "micro_batches", "partition",
+           "update_mini_batch"]
 
 
 @dataclass(kw_only=True)
@@ -55,9 +56,20 @@ class UpdateContext:
     micro_batch_size: int = 1
     max_tokens_per_microbatch: Optional[int] = None
     chunk_size: Optional[int] = None   # tokens per chunk of the vocab-parallel head
+    # Pack each micro-batch's model rows into one row without padding (batch.collate); the
+    # same losses and gradients as padded rows, up to summation order.
+    sequence_packing: bool = False
     # Run the I+/I- views of every sample, as the reference recipe does (the loss and gradients
     # are the same: gated-out rows contribute nothing). For benchmarks only.
     perturb_all: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, *, state, rope_cfg, valid_vocab: int) -> "UpdateContext":
+        """The context of a trainer config (``training/config.TrainConfig``)."""
+        return cls(state=state, rope_cfg=rope_cfg, temperature=cfg.rollout.rollout_temperature,
+                   valid_vocab=valid_vocab, micro_batch_size=cfg.optimizer.micro_batch_size,
+                   max_tokens_per_microbatch=cfg.optimizer.max_tokens_per_microbatch,
+                   sequence_packing=cfg.optimizer.sequence_packing)
 
     @property
     def last_stage_rank(self) -> int:
@@ -80,6 +92,17 @@ def partition(samples: Sequence[Sample], needs_views: Sequence[bool], ctx: Updat
     return equalize_count(groups, costs, int(count))
 
 
+def micro_batches(samples: Sequence[Sample], groups: Sequence[Sequence[int]],
+                  needs_B: torch.Tensor, ctx: UpdateContext, *, targets: bool = True
+                  ) -> list[dict]:
+    """The micro-batches of ``groups`` (``partition``) on this rank's device, padded or packed
+    as ``ctx`` says; ``needs_B`` bool [len(samples)]: samples whose I+/I- views run."""
+    return [to_device(collate([samples[i] for i in g], needs_B[list(g)], ctx.rope_cfg,
+                              with_training_targets=targets, packed=ctx.sequence_packing),
+                      ctx.state.device)
+            for g in groups]
+
+
 # ----------------------------------------------------------------------------------------------
 # forward-only log-prob passes (old policy, reference)
 
@@ -90,8 +113,8 @@ def compute_log_probs(chunks: Sequence[torch.nn.Module], samples: Sequence[Sampl
     through the schedule; returned on every rank (broadcast from the last stage over PP)."""
     s = ctx.state
     groups = partition(samples, [False] * len(samples), ctx)
-    mbs = [collate([samples[i] for i in g], torch.zeros(len(g), dtype=torch.bool),
-                   ctx.rope_cfg, with_training_targets=False) for g in groups]
+    mbs = micro_batches(samples, groups, torch.zeros(len(samples), dtype=torch.bool), ctx,
+                        targets=False)
     stash: list[torch.Tensor] = []
 
     def head(mb, logits_RTV):
@@ -103,7 +126,7 @@ def compute_log_probs(chunks: Sequence[torch.nn.Module], samples: Sequence[Sampl
 
     for c in chunks:
         c.eval()
-    run_pipeline(chunks, [to_device(mb, s.device) for mb in mbs], head, forward_only=True)
+    run_pipeline(chunks, mbs, head, forward_only=True)
     out: list[Optional[torch.Tensor]] = [None] * len(samples)
     for k, (g, mb) in enumerate(zip(groups, mbs)):
         lp_BT = stash[k] if s.is_last_stage else torch.empty(
@@ -182,8 +205,7 @@ def update_mini_batch(chunks: Sequence[torch.nn.Module], optimizer, samples: Seq
     if ctx.perturb_all and loss_fn.config.cpl_coef > 0:
         needs_B = torch.ones_like(needs_B)
     groups = partition(samples, needs_B.tolist(), ctx)
-    mbs = [to_device(collate([samples[i] for i in g], needs_B[g], ctx.rope_cfg), s.device)
-           for g in groups]
+    mbs = micro_batches(samples, groups, needs_B, ctx)
     for c in chunks:
         c.train()
         c.zero_grad_buffer()

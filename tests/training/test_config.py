@@ -21,6 +21,12 @@ BAD = [
      "--decoder-last-pipeline-num-layers"),
     (["--vision-parallel-mode", "sharded"], "--vision-parallel-mode"),
     (["--recompute-granularity", "some"], "--recompute-granularity"),
+    (["--recompute-granularity", "full", "--recompute-method", "all"], "--recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-num-layers", "0"],
+     "--recompute-num-layers"),
+    (["--recompute-granularity", "selective", "--recompute-method", "block"],
+     "--recompute-method"),
+    (["--recompute-num-layers", "2"], "--recompute-num-layers"),
     (["--micro-batch-size", "0"], "--micro-batch-size"),
     (["--micro-batch-size", "80"], "--micro-batch-size"),
     (["--max-tokens-per-microbatch", "0"], "--max-tokens-per-microbatch"),
@@ -134,6 +140,28 @@ def test_loss_config_maps_every_cppo_flag():
                                                    0.28, 5.0, "seq-mean-token-mean", 0.001)
 
 
+def test_recompute_and_packing_reach_the_model_settings():
+    """Full recomputation without method / layer count takes Megatron's most frugal setting
+    (every layer); the flags reach the model build; packing reaches the update context."""
+    from megatron_cppo.training.model import model_settings
+    from megatron_cppo.training.update import UpdateContext
+
+    cfg = parse_config(["--recompute-granularity", "full", "--sequence-packing"])
+    assert (cfg.model.recompute_method, cfg.model.recompute_num_layers) == ("uniform", 1)
+    settings = model_settings(cfg)
+    assert (settings.recompute_granularity, settings.recompute_method,
+            settings.recompute_num_layers) == ("full", "uniform", 1)
+    block = model_settings(parse_config(["--recompute-granularity", "full", "--recompute-method",
+                                         "block", "--recompute-num-layers", "3"]))
+    assert (block.recompute_method, block.recompute_num_layers) == ("block", 3)
+    selective = model_settings(parse_config(["--recompute-granularity", "selective"]))
+    assert (selective.recompute_granularity, selective.recompute_method) == ("selective", None)
+    ctx = UpdateContext.from_config(cfg, state=None, rope_cfg=None, valid_vocab=10)
+    assert ctx.sequence_packing and ctx.micro_batch_size == cfg.optimizer.micro_batch_size
+    assert not UpdateContext.from_config(parse_config([]), state=None, rope_cfg=None,
+                                         valid_vocab=10).sequence_packing
+
+
 def test_megatron_spellings_present():
     """Frozen part of the surface: Megatron-LM's flag names users' launch scripts rely on."""
     flags = {s for a in build_parser()._actions for s in a.option_strings}
@@ -141,7 +169,8 @@ def test_megatron_spellings_present():
                  "--micro-batch-size", "--global-batch-size", "--lr", "--min-lr",
                  "--lr-warmup-iters", "--weight-decay", "--clip-grad", "--train-iters", "--save",
                  "--load", "--save-interval", "--seed", "--bf16", "--use-distributed-optimizer",
-                 "--recompute-granularity", "--tensorboard-dir",
+                 "--recompute-granularity", "--recompute-method", "--recompute-num-layers",
+                 "--tensorboard-dir",
                  "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers",
                  "--hf-dir", "--data-path", "--val-data-path", "--n-samples-per-prompt",
                  "--rollout-temperature", "--max-prompt-length", "--max-response-length",
@@ -159,5 +188,6 @@ def test_example_configs_parse(name, worlds):
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / name
     cfg = parse_config(["--config", str(path)])
     assert cfg.mini_batches_per_step == 8 and cfg.loss_config().cpl_coef == 0.01
+    assert cfg.optimizer.sequence_packing and cfg.optimizer.max_tokens_per_microbatch
     for world in worlds:
         check_world(cfg, world)

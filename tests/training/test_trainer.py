@@ -11,7 +11,9 @@ Proven:
 - a save that fails on one rank mid-write leaves ``latest`` naming the previous checkpoint, which
   the next run resumes from (the same bit-identical steps 3-4);
 - the model checkpoint reloads at another layout (tp, pp) = (2, 1): the resumed run's first
-  old log-probs there (micro-batches filled to a token budget instead) match the (1, 2) run's;
+  old log-probs there (micro-batches filled to a token budget instead, packed with
+  --sequence-packing, layers recomputed with --recompute-granularity full) match the (1, 2)
+  run's;
 - validation (avg@N through the rollout source) runs at the start and at the last step.
 Not proven: learning (the recorded rollout does not depend on the weights), vLLM.
 """
@@ -92,7 +94,8 @@ def _runs(ranks, hf, root):
     # the model at another layout (weights only, fresh optimizer): one step's old log-probs
     other = parse_config(_argv(hf, os.path.join(root, "other"), "--train-iters", "1",
                                "--load", os.path.join(full, "iter_0000002"), "--no-load-optim",
-                               "--max-tokens-per-microbatch", "120"))
+                               "--max-tokens-per-microbatch", "120", "--sequence-packing",
+                               "--recompute-granularity", "full"))
     other.parallel.tensor_model_parallel_size, other.parallel.pipeline_model_parallel_size = 2, 1
     out["other_layout"] = run(other, _plugins(table))
     return out

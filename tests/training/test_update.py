@@ -12,7 +12,9 @@ Proven:
   of the 4 single-micro-batch gradients divided by 4 (the schedule's 1/num_microbatches, applied
   once; the loss head does not scale again);
 - a non-finite loss skips the optimizer step on every rank and leaves the weights unchanged;
-- the supervised warm-start step (same layout and optimizer) lowers the response NLL.
+- the supervised warm-start step (same layout and optimizer) lowers the response NLL;
+- packed micro-batches (--sequence-packing: every view's rows back to back in one row) give the
+  padded ones' old log-probs, losses and gradients at each layout.
 Also in-process: the micro-batch layout (views share ids and positions, pixels in row order) and
 the token-budget partition.
 Not proven here: bf16, VPP, the distributed optimizer's numerics (it is built at (2, 1)).
@@ -114,13 +116,15 @@ def _layout(tp, pp, path, batch_file):
         mine = samples[state.dp_rank * dp_share:(state.dp_rank + 1) * dp_share]
         loss_fn = CPPOLoss(CPPOLossConfig(cpl_coef=0.5), tp_group=state.tp_group,
                            temperature=TEMPERATURE, valid_vocab=VALID_VOCAB)
+        packed = _packed_vs_padded(policy, samples, mine, old, loss_fn, ctx)
         before = [p.detach().clone() for p in policy.chunks[0].parameters()]
         result = update_mini_batch(policy.chunks, policy.optimizer, mine, loss_fn, ctx,
                                    scheduler=policy.scheduler)
         moved = max(float((p.detach() - b).abs().max())
                     for p, b in zip(policy.chunks[0].parameters(), before))
         out = dict(tp=tp, pp=pp, old=[o.tolist() for o in old], stepped=result.stepped,
-                   grad_norm=result.grad_norm, metrics=result.metrics, moved=moved)
+                   grad_norm=result.grad_norm, metrics=result.metrics, moved=moved,
+                   packed=packed)
         if (tp, pp) == (1, 2):
             out["scale"] = _loss_scale_rule(policy, samples, loss_fn, ctx)
         if (tp, pp) == (2, 1):
@@ -142,10 +146,57 @@ def _main_grads(chunks):
     return [p.main_grad.detach().clone() for c in chunks for p in c.parameters()]
 
 
+def _grads_of(policy, microbatches, head):
+    """(per-micro-batch metrics, main grads) of one schedule call, from zeroed buffers."""
+    from megatron_cppo.training.forward_step import run_pipeline
+
+    for c in policy.chunks:
+        c.zero_grad_buffer()
+    policy.optimizer.zero_grad()  # drops the .grad aliases of main_grad the last step left
+    metrics = run_pipeline(policy.chunks, microbatches, head)
+    return metrics, _main_grads(policy.chunks)
+
+
+def _packed_vs_padded(policy, samples, mine, old, loss_fn, ctx):
+    """The trainer's packed micro-batches (--sequence-packing) against its padded ones at the same
+    weights: old log-probs of all samples, then the update's per-micro-batch losses and the
+    gradients of this rank's share (no step). Max differences and the gradient scale."""
+    import dataclasses
+
+    from megatron_cppo.training.update import (
+        compute_log_probs,
+        cppo_loss_head,
+        micro_batches,
+        partition,
+    )
+
+    pack_ctx = dataclasses.replace(ctx, sequence_packing=True)
+    old_packed = compute_log_probs(policy.chunks, samples, pack_ctx)
+    adv = torch.tensor([s.advantage for s in mine])
+    need = loss_fn.samples_needing_perturbed_passes(adv, torch.ones(len(mine), 1))
+    groups = partition(mine, need.tolist(), ctx)
+    runs = {}
+    for name, c in (("padded", ctx), ("packed", pack_ctx)):
+        mbs = micro_batches(mine, groups, need, c)
+        if name == "packed":
+            assert all(mb["input_ids"].shape[0] == 1 and "cu_seqlens" in mb for mb in mbs)
+        for chunk in policy.chunks:
+            chunk.train()
+        runs[name] = _grads_of(policy, mbs, cppo_loss_head(loss_fn, c))
+    (m_pad, g_pad), (m_pack, g_pack) = runs["padded"], runs["packed"]
+    keys = ("loss", "pg_loss", "kl_loss", "cpl_loss")
+    return dict(
+        old_diff=max(float((a - b).abs().max()) for a, b in zip(old_packed, old)),
+        loss_diff=max((abs(a[k] - b[k]) for a, b in zip(m_pad, m_pack) for k in keys),
+                      default=0.0),
+        num_mb=len(m_pad), perturbed_rows=sum(m["perturbed_rows"] for m in m_pad),
+        grad_diff=max(float((a - b).abs().max()) for a, b in zip(g_pad, g_pack)),
+        grad_scale=max(float(a.abs().max()) for a in g_pad))
+
+
 def _loss_scale_rule(policy, samples, loss_fn, ctx):
     """Max |grad(4 micro-batches) - sum_k grad(micro-batch k) / 4| and the gradient scale."""
     from megatron_cppo.training.batch import collate, to_device
-    from megatron_cppo.training.forward_step import run_pipeline
     from megatron_cppo.training.update import cppo_loss_head
 
     adv = torch.tensor([s.advantage for s in samples])
@@ -155,11 +206,7 @@ def _loss_scale_rule(policy, samples, loss_fn, ctx):
     head = cppo_loss_head(loss_fn, ctx)
 
     def grads_of(microbatches):
-        for c in policy.chunks:
-            c.zero_grad_buffer()
-        policy.optimizer.zero_grad()  # drops the .grad aliases of main_grad the last step left
-        run_pipeline(policy.chunks, microbatches, head)
-        return _main_grads(policy.chunks)
+        return _grads_of(policy, microbatches, head)[1]
 
     single = [grads_of([mb]) for mb in mbs]
     together = grads_of(mbs)
@@ -251,6 +298,22 @@ def test_loss_and_grad_norm_equal_across_layouts(runs, layout):
         assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_micro_batches_equal_padded(runs, layout):
+    """--sequence-packing: the same old log-probs, per-micro-batch losses and gradients as padded
+    micro-batches (fp32 summation-order tolerance), with perturbed rows in the packed rows."""
+    last_stages = 0
+    for rec in runs[layout]:
+        p = rec["packed"]
+        assert p["old_diff"] <= 1e-5, p
+        assert p["grad_scale"] > 1e-4 and p["grad_diff"] <= 1e-5 * p["grad_scale"] + 1e-7, p
+        if p["num_mb"]:  # losses are seen on the last pipeline stage
+            last_stages += 1
+            assert p["num_mb"] >= 2 and p["perturbed_rows"] > 0, p
+            assert p["loss_diff"] <= 1e-5, p
+    assert last_stages >= 1
+
+
 def test_loss_scale_rule(runs):
     for rec in runs[(1, 2)]:
         scale = rec["scale"]
@@ -310,6 +373,21 @@ def test_collate_stacks_views_sharing_ids_and_positions(tmp_path):
         assert torch.equal(index_RT[view_row], index_RT[1])
         assert torch.equal(labels_RT[view_row], labels_RT[1])
     assert int(index_RT.max()) < ids.shape[1] and int(index_RT.min()) >= 0
+    # packed: the same rows without padding, one after the other; logit positions shifted by
+    # each row's offset; every other field as padded
+    pk = collate(picked, torch.tensor([False, True, False]), rope, with_training_targets=False,
+                 packed=True)
+    lengths = [picked[r].num_tokens for r in (0, 1, 2, 1, 1)]
+    assert pk["cu_seqlens"].dtype == torch.int32
+    assert pk["cu_seqlens"].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
+    assert torch.equal(pk["input_ids"][0], torch.cat([ids[r, :n] for r, n in enumerate(lengths)]))
+    assert torch.equal(pk["position_ids"][:, 0],
+                       torch.cat([pos[:, r, :n] for r, n in enumerate(lengths)], dim=1))
+    assert pk["logit_rows"] == tuple(index_RT.shape)
+    got_RT = pk["logit_index_RT"].reshape(index_RT.shape) - pk["cu_seqlens"][:-1, None]
+    assert torch.equal(got_RT, index_RT)
+    for key in ("labels_RT", "pixel_values", "image_grid_thw", "response_mask_BT"):
+        assert torch.equal(pk[key], mb[key]), key
 
 
 def test_token_budget_partition():
