@@ -9,7 +9,12 @@
 #    padded and packed (cu_seqlens, varlen attention), against transformers' Qwen2.5-VL with sdpa
 #    attention on the same micro-batches in the same run: time, tokens/s, MFU (dense bf16 peak,
 #    989 TFLOPS for H100/H200 SXM) and peak memory.
-# 2. loss head (benchmarks/loss_head.py): CPPO's three passes fwd + bwd at T = 4096 and 16384, TP 1,
+# 2. 7B fit (benchmarks/model_step.py --memory-report): Qwen2.5-VL-7B dimensions, one packed
+#    4096-token micro-batch with one 64x64-patch image, full recompute (every layer), megatron DDP
+#    with fp32 gradient buffers as the trainer: weights + buffers and the step's peak measured,
+#    Adam state and the reference model added from the parameter count; whether one 80 GB GPU
+#    holds it, and the smallest distributed-optimizer sharding that does.
+# 3. loss head (benchmarks/loss_head.py): CPPO's three passes fwd + bwd at T = 4096 and 16384, TP 1,
 #    against the Megatron-style baseline and the HBM floor (a bf16 copy of the same logits).
 #    The baseline needs ~94 GiB at T = 16384 and is skipped there (--max-gib-per-rank).
 #
@@ -36,8 +41,11 @@ if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 
+full_recompute="--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
 if [ "$smoke" = 1 ]; then
   "$PYTHON" benchmarks/model_step.py --cpu-smoke
+  "$PYTHON" benchmarks/model_step.py --layouts 1,1 --seq 64 --image-patches 8,8 --batch 1 \
+    --num-mb 1 --forms packed $full_recompute --memory-report --reps 1 --warmup 0
   "$PYTHON" benchmarks/loss_head.py --device cpu --tp 1 --tokens 256 512 --vocab 8192 \
     --variants cppo megatron copy --reps 1
   exit 0
@@ -47,5 +55,7 @@ fi
 print(torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 timeout 300 "$PYTHON" benchmarks/model_step.py --gpu --size 3B --seq 4096 --image-patches 64,64 \
   --batch 1 --num-mb 2 --forms padded packed --hf-baseline --reps 3 --warmup 1
+timeout 150 "$PYTHON" benchmarks/model_step.py --gpu --size 7B --seq 4096 --image-patches 64,64 \
+  --batch 1 --num-mb 1 --forms packed $full_recompute --memory-report --reps 2 --warmup 1
 timeout 150 "$PYTHON" benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 16384 \
   --variants cppo cppo_triton megatron copy --reps 3 --max-gib-per-rank 70

@@ -29,12 +29,22 @@ one row with cu_seqlens (megatron_cppo.models.qwen2_5_vl.packing): the same toke
 ``--hf-baseline`` also times transformers' Qwen2_5_VLForConditionalGeneration (attention "sdpa",
 random weights, same micro-batches, padded) in its own process, and the table gives each run's
 time relative to it.
+
+``--memory-report`` (the suite's 7B fit check): the chunks are wrapped in megatron DDP as the
+trainer trains them (fp32 gradient buffers), and a second table splits one GPU's training memory
+into what was measured (weights + gradient buffers before the first step; the step's peak) and
+what the trainer adds and this step does not hold, counted from the parameter count: Adam's fp32
+master weights and two moments (12 bytes per parameter, divided by the data-parallel size with
+--use-distributed-optimizer) and the bf16 reference model (2 bytes per parameter, none with
+--reference-cpu-offload). It says whether the sum fits ``--budget-gib`` (79 GiB: an 80 GB H100
+less the CUDA context) and, if not, the smallest distributed-optimizer sharding that does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -160,6 +170,12 @@ def _worker(cfg):
         use_cpu_initialization=not cuda, vision_parallel_mode=cfg["vision_mode"],
         attention=cfg["attention"], **cfg["recompute"])
     chunks = build_qwen2_5_vl(hf, state, settings)
+    if cfg["memory_report"]:
+        from megatron_cppo.training.model import wrap_ddp
+
+        chunks = wrap_ddp(chunks, state)
+    memory = dict(params=sum(p.numel() for c in chunks for p in c.parameters()),
+                  static_gib=torch.cuda.memory_allocated() / 2 ** 30 if cuda else None)
     results = {}
 
     def loss_head(mb, logits_BSV):
@@ -174,12 +190,15 @@ def _worker(cfg):
 
         def step():
             for c in chunks:
-                c.zero_grad(set_to_none=True)
+                if hasattr(c, "zero_grad_buffer"):  # megatron DDP: keep the buffers, zero them
+                    c.zero_grad_buffer()
+                else:
+                    c.zero_grad(set_to_none=True)
             run_pipeline(chunks, mbs, loss_head)
             if cuda:
                 torch.cuda.synchronize()
 
-        results[form] = _time_steps(step, cfg)
+        results[form] = dict(_time_steps(step, cfg), **memory)
         del mbs
     destroy_parallel()
     return results if rank == 0 else None
@@ -275,6 +294,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="dense bf16 peak per GPU for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--memory-report", action="store_true",
+                   help="train-like memory (megatron DDP, fp32 gradient buffers) and whether the "
+                        "trainer's whole state fits --budget-gib (see the module doc)")
+    p.add_argument("--budget-gib", type=float, default=79.0,
+                   help="GPU memory budget of --memory-report (80 GB H100 less the context)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     if a.gpu and not torch.cuda.is_available():
@@ -310,14 +334,15 @@ def main(argv=None):
     base_cfg = dict(gpu=a.gpu, size=a.size, seq=seq, image_hw=image_hw, batch=batch,
                     num_mb=a.num_mb, vision_mode=a.vision_mode, reps=a.reps, warmup=a.warmup,
                     threads=a.threads, attention=a.attention, recompute=recompute,
-                    forms=a.forms)
+                    forms=a.forms, memory_report=a.memory_report)
     rows = []
 
     def add_row(name, tp, pp, r):
         row = dict(name=name, tp=tp, pp=pp, step_s=r["step_s"], us_per_token=r["step_s"] / tokens
                    * 1e6, tokens_per_s=tokens / r["step_s"],
                    mfu=flops / r["step_s"] / (a.peak_tflops * 1e12 * tp * pp) if a.gpu else None,
-                   peak_gib=r["peak_gib"], cpu_s=r["cpu_s"])
+                   peak_gib=r["peak_gib"], cpu_s=r["cpu_s"], params=r.get("params"),
+                   static_gib=r.get("static_gib"))
         row["rel_to_first"] = row["us_per_token"] / rows[0]["us_per_token"] if rows else 1.0
         rows.append(row)
         extra = (f"  MFU {row['mfu']:.1%}  peak {row['peak_gib']:.1f} GiB" if a.gpu
@@ -333,6 +358,8 @@ def main(argv=None):
     if a.hf_baseline:
         add_row("transformers sdpa", 1, 1, measure_hf(base_cfg))
     _print_table(rows, what, a.gpu)
+    if a.memory_report:
+        _print_memory(rows, what, a.budget_gib)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(args=vars(a), model_flops_per_step=flops, rows=rows), f, indent=1)
@@ -352,6 +379,47 @@ def _print_table(rows, what, gpu):
         print(f"| {r['name']} | {r['tp']} | {r['pp']} | {r['step_s'] * 1e3:.1f} "
               f"| {r['cpu_s'] * 1e3:.1f} "
               f"| {r['tokens_per_s']:.0f} | {ratio} | {mfu} | {peak} |")
+
+
+def memory_budget(params: int, static_gib: float, peak_gib: float, budget_gib: float) -> dict:
+    """One GPU's training memory from a measured step (see the module doc): the step's peak plus
+    Adam's fp32 state (12 B / parameter) and the bf16 reference model (2 B / parameter), and the
+    smallest data-parallel sharding of the Adam state that fits ``budget_gib``, with the
+    reference on the GPU and offloaded (None: no sharding does)."""
+    adam = 12 * params / 2 ** 30
+    ref = 2 * params / 2 ** 30
+    total = peak_gib + adam + ref
+
+    def shards(room):
+        return None if room <= 0 else max(1, math.ceil(adam / room))
+
+    return dict(params=params, static_gib=static_gib, peak_gib=peak_gib,
+                activations_gib=peak_gib - static_gib, adam_gib=adam, reference_gib=ref,
+                total_gib=total, fits=total <= budget_gib,
+                min_dp_shards=shards(budget_gib - peak_gib - ref),
+                min_dp_shards_ref_offload=shards(budget_gib - peak_gib))
+
+
+def _print_memory(rows, what, budget_gib):
+    print(f"\ntraining memory on one GPU, {what} (budget {budget_gib:.1f} GiB)")
+    print("| run | parameters | weights + grad buffers (measured) | step peak (measured) "
+          "| activations + workspace | + Adam state | + reference | total | fits | "
+          "distributed optimizer needs DP >= | same, reference offloaded |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("params") is None:
+            continue
+        if r["peak_gib"] is None:
+            print(f"| {r['name']} | {r['params']:,} | not measured on CPU "
+                  "| | | | | | | | |")
+            continue
+        m = memory_budget(r["params"], r["static_gib"], r["peak_gib"], budget_gib)
+        need = ["none fits" if n is None else n
+                for n in (m["min_dp_shards"], m["min_dp_shards_ref_offload"])]
+        print(f"| {r['name']} | {m['params']:,} | {m['static_gib']:.1f} GiB "
+              f"| {m['peak_gib']:.1f} GiB | {m['activations_gib']:.1f} GiB "
+              f"| {m['adam_gib']:.1f} GiB | {m['reference_gib']:.1f} GiB | {m['total_gib']:.1f} GiB "
+              f"| {'yes' if m['fits'] else 'no'} | {need[0]} | {need[1]} |")
 
 
 if __name__ == "__main__":

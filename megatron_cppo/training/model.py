@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["Policy", "ReferenceModel", "build_policy", "build_reference", "model_settings"]
+__all__ = ["Policy", "ReferenceModel", "build_policy", "build_reference", "model_settings",
+           "wrap_ddp"]
 
 
 def model_settings(cfg) -> Any:
@@ -53,26 +54,15 @@ def build_policy(hf_config, state, settings, optim, *, use_distributed_optimizer
     """Policy chunks (+ HF start weights if given) in megatron DDP, the Megatron optimizer from
     the trainer's ``OptimizerConfig`` section ``optim``, and megatron's LR/WD schedule over
     ``total_steps`` optimizer steps."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl, load_hf_weights, unwrap
+    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl, load_hf_weights
 
     chunks = build_qwen2_5_vl(hf_config, state, settings)
     if hf_state_dict is not None:
         load_hf_weights(chunks, hf_state_dict, state)
-    tconfig = unwrap(chunks[0]).config
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer)
-    ddp = [DistributedDataParallel(tconfig, ddp_config, c, pg_collection=state.pg_collection,
-                                   disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    ddp = wrap_ddp(chunks, state, use_distributed_optimizer=use_distributed_optimizer)
     bf16 = settings.dtype == "bf16"
     opt = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
@@ -91,6 +81,27 @@ def build_policy(hf_config, state, settings, optim, *, use_distributed_optimizer
         end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant")
     return Policy(chunks=ddp, optimizer=opt, scheduler=sched)
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], state, *,
+             use_distributed_optimizer: bool = False) -> list:
+    """The chunks in megatron DDP as the trainer trains them: contiguous fp32 gradient buffers
+    (``main_grad``), reduced over data parallel by ``finalize_model_grads`` after the schedule."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megatron_cppo.models.qwen2_5_vl import unwrap
+
+    tconfig = unwrap(chunks[0]).config
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer)
+    return [DistributedDataParallel(tconfig, ddp_config, c, pg_collection=state.pg_collection,
+                                    disable_bucketing=i > 0) for i, c in enumerate(chunks)]
 
 
 class ReferenceModel:
