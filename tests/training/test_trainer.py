@@ -15,6 +15,8 @@ Proven:
   --sequence-packing, layers recomputed with --recompute-granularity full) match the (1, 2)
   run's;
 - validation (avg@N through the rollout source) runs at the start and at the last step.
+- bf16 with packed micro-batches (the GPU configuration) runs 2 steps and saves, its first step
+  within bf16 rounding of the fp32 run's loss, entropy and gradient norm.
 Not proven: learning (the recorded rollout does not depend on the weights), vLLM.
 """
 
@@ -98,6 +100,11 @@ def _runs(ranks, hf, root):
                                "--recompute-granularity", "full"))
     other.parallel.tensor_model_parallel_size, other.parallel.pipeline_model_parallel_size = 2, 1
     out["other_layout"] = run(other, _plugins(table))
+    # what GPU runs use: bf16 weights and activations (fp32 main weights and gradient buffers in
+    # megatron's optimizer), packed micro-batches; 2 steps and a save
+    out["bf16"] = run(parse_config(_argv(hf, os.path.join(root, "bf16"), "--train-iters", "2",
+                                         "--save-interval", "2", "--bf16",
+                                         "--sequence-packing")), _plugins(table))
     return out
 
 
@@ -184,3 +191,24 @@ def test_model_reloads_at_another_layout(runs):
     # the trainer's old log-probs, seen through the sampler-diff metric, are the same
     assert other[0]["rollout_vs_train_logprob_diff"] == pytest.approx(
         full[2]["rollout_vs_train_logprob_diff"], rel=1e-5)
+
+
+def test_bf16_packed_run(runs):
+    """--bf16 --sequence-packing (the GPU configuration) on the same recorded rollouts: finite
+    metrics, steps taken, and the first step's numbers within bf16 rounding of the fp32 run's
+    (same start weights and batch)."""
+    root, per_rank = runs
+    bf16, full = per_rank[0]["bf16"], per_rank[0]["full"]
+    assert [m["step"] for m in bf16] == [1.0, 2.0]
+    for m in bf16:
+        for k in ("loss", "pg_loss", "kl_loss", "cpl_loss", "grad_norm", "entropy"):
+            assert torch.isfinite(torch.tensor(m[k])), k
+        assert m["skipped_steps"] == 0
+    # measured: loss -0.1395 vs -0.1400, grad norm 8.399 vs 8.445, entropy equal to 3e-5
+    first, ref = bf16[0], full[0]
+    assert first["loss"] == pytest.approx(ref["loss"], abs=0.005)
+    assert first["entropy"] == pytest.approx(ref["entropy"], rel=0.01)
+    assert first["grad_norm"] == pytest.approx(ref["grad_norm"], rel=0.02)
+    assert first["rollout_vs_train_logprob_diff"] == pytest.approx(
+        ref["rollout_vs_train_logprob_diff"], rel=0.01)
+    assert (root / "bf16" / "latest").read_text().strip() == "iter_0000002"
