@@ -41,21 +41,50 @@ if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 
+# On the device machine whatever is written under $OUT comes back: keep a copy of the console.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  exec > >(tee -a "$OUT/gpu_suite.log") 2>&1
+fi
+
+# One benchmark per part; a failing or overrunning part is reported and the next one still runs
+# (device time is scarce: one failure must not cost the other tables).
+failed=()
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2 t0=$SECONDS rc=0
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" || rc=$?
+  echo "== $name: exit status $rc, $((SECONDS - t0)) s"
+  if [ "$rc" != 0 ]; then failed+=("$name (exit status $rc)"); fi
+}
+finish() {
+  echo "== suite: $SECONDS s"
+  if [ "${#failed[@]}" -gt 0 ]; then
+    printf 'failed: %s\n' "${failed[@]}"
+    exit 1
+  fi
+  exit 0
+}
+
 full_recompute="--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
 if [ "$smoke" = 1 ]; then
-  "$PYTHON" benchmarks/model_step.py --cpu-smoke
-  "$PYTHON" benchmarks/model_step.py --layouts 1,1 --seq 64 --image-patches 8,8 --batch 1 \
-    --num-mb 1 --forms packed $full_recompute --memory-report --reps 1 --warmup 0
-  "$PYTHON" benchmarks/loss_head.py --device cpu --tp 1 --tokens 256 512 --vocab 8192 \
-    --variants cppo megatron copy --reps 1
-  exit 0
+  part "model step (tiny, CPU)" 600 "$PYTHON" benchmarks/model_step.py --cpu-smoke
+  part "7B fit path (tiny, CPU)" 300 "$PYTHON" benchmarks/model_step.py --layouts 1,1 --seq 64 \
+    --image-patches 8,8 --batch 1 --num-mb 1 --forms packed $full_recompute --memory-report \
+    --reps 1 --warmup 0
+  part "loss head (CPU)" 300 "$PYTHON" benchmarks/loss_head.py --device cpu --tp 1 \
+    --tokens 256 512 --vocab 8192 --variants cppo megatron copy --reps 1
+  finish
 fi
 
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(0), 'torch', torch.__version__)"
-timeout 300 "$PYTHON" benchmarks/model_step.py --gpu --size 3B --seq 4096 --image-patches 64,64 \
-  --batch 1 --num-mb 2 --forms padded packed --hf-baseline --reps 3 --warmup 1
-timeout 150 "$PYTHON" benchmarks/model_step.py --gpu --size 7B --seq 4096 --image-patches 64,64 \
-  --batch 1 --num-mb 1 --forms packed $full_recompute --memory-report --reps 2 --warmup 1
-timeout 150 "$PYTHON" benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 16384 \
+part "model step 3B" 300 "$PYTHON" benchmarks/model_step.py --gpu --size 3B --seq 4096 \
+  --image-patches 64,64 --batch 1 --num-mb 2 --forms padded packed --hf-baseline --reps 3 \
+  --warmup 1
+part "7B fit" 150 "$PYTHON" benchmarks/model_step.py --gpu --size 7B --seq 4096 \
+  --image-patches 64,64 --batch 1 --num-mb 1 --forms packed $full_recompute --memory-report \
+  --reps 2 --warmup 1
+part "loss head" 150 "$PYTHON" benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 16384 \
   --variants cppo cppo_triton megatron copy --reps 3 --max-gib-per-rank 70
+finish
