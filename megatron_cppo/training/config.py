@@ -144,9 +144,10 @@ class OptimizerConfig:
     max_tokens_per_microbatch: Optional[int] = _opt(
         None, "token budget of a micro-batch instead of a fixed size: text tokens plus image "
               "patches, counted for every view")
-    sequence_packing: bool = _opt(False, "pack each micro-batch's sequences (every view) back "
-                                         "to back in one row: no padding tokens through the "
-                                         "model; same losses as padded rows")
+    sequence_packing: bool = _opt(True, "pack each micro-batch's sequences (every view) back to "
+                                        "back in one row: no padding tokens through the model; "
+                                        "same losses as padded rows (--no-sequence-packing: "
+                                        "padded rows)")
     global_batch_size: int = _opt(40, "responses per optimizer step, over all data-parallel ranks")
     lr: float = _opt(1e-6, "peak learning rate")
     min_lr: float = _opt(0.0, "learning rate at the end of the decay")

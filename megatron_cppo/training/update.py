@@ -57,7 +57,8 @@ class UpdateContext:
     max_tokens_per_microbatch: Optional[int] = None
     chunk_size: Optional[int] = None   # tokens per chunk of the vocab-parallel head
     # Pack each micro-batch's model rows into one row without padding (batch.collate); the
-    # same losses and gradients as padded rows, up to summation order.
+    # same losses and gradients as padded rows, up to summation order. The trainer's
+    # --sequence-packing (on by default) sets it; the padded rows here are for direct callers.
     sequence_packing: bool = False
     # Run the I+/I- views of every sample, as the reference recipe does (the loss and gradients
     # are the same: gated-out rows contribute nothing). For benchmarks only.

@@ -142,11 +142,12 @@ def test_loss_config_maps_every_cppo_flag():
 
 def test_recompute_and_packing_reach_the_model_settings():
     """Full recomputation without method / layer count takes Megatron's most frugal setting
-    (every layer); the flags reach the model build; packing reaches the update context."""
+    (every layer); the flags reach the model build; packing (on by default) reaches the update
+    context."""
     from megatron_cppo.training.model import model_settings
     from megatron_cppo.training.update import UpdateContext
 
-    cfg = parse_config(["--recompute-granularity", "full", "--sequence-packing"])
+    cfg = parse_config(["--recompute-granularity", "full"])
     assert (cfg.model.recompute_method, cfg.model.recompute_num_layers) == ("uniform", 1)
     settings = model_settings(cfg)
     assert (settings.recompute_granularity, settings.recompute_method,
@@ -158,8 +159,8 @@ def test_recompute_and_packing_reach_the_model_settings():
     assert (selective.recompute_granularity, selective.recompute_method) == ("selective", None)
     ctx = UpdateContext.from_config(cfg, state=None, rope_cfg=None, valid_vocab=10)
     assert ctx.sequence_packing and ctx.micro_batch_size == cfg.optimizer.micro_batch_size
-    assert not UpdateContext.from_config(parse_config([]), state=None, rope_cfg=None,
-                                         valid_vocab=10).sequence_packing
+    assert not UpdateContext.from_config(parse_config(["--no-sequence-packing"]), state=None,
+                                         rope_cfg=None, valid_vocab=10).sequence_packing
 
 
 def test_megatron_spellings_present():

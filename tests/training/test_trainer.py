@@ -11,12 +11,12 @@ Proven:
 - a save that fails on one rank mid-write leaves ``latest`` naming the previous checkpoint, which
   the next run resumes from (the same bit-identical steps 3-4);
 - the model checkpoint reloads at another layout (tp, pp) = (2, 1): the resumed run's first
-  old log-probs there (micro-batches filled to a token budget instead, packed with
-  --sequence-packing, layers recomputed with --recompute-granularity full) match the (1, 2)
-  run's;
+  old log-probs there (micro-batches filled to a token budget instead, padded rows with
+  --no-sequence-packing where the other runs pack, layers recomputed with
+  --recompute-granularity full) match the (1, 2) run's;
 - validation (avg@N through the rollout source) runs at the start and at the last step.
-- bf16 with packed micro-batches (the GPU configuration) runs 2 steps and saves, its first step
-  within bf16 rounding of the fp32 run's loss, entropy and gradient norm.
+- bf16 (the GPU configuration) runs 2 steps and saves, its first step within bf16 rounding of the
+  fp32 run's loss, entropy and gradient norm.
 Not proven: learning (the recorded rollout does not depend on the weights), vLLM.
 """
 
@@ -96,15 +96,14 @@ def _runs(ranks, hf, root):
     # the model at another layout (weights only, fresh optimizer): one step's old log-probs
     other = parse_config(_argv(hf, os.path.join(root, "other"), "--train-iters", "1",
                                "--load", os.path.join(full, "iter_0000002"), "--no-load-optim",
-                               "--max-tokens-per-microbatch", "120", "--sequence-packing",
+                               "--max-tokens-per-microbatch", "120", "--no-sequence-packing",
                                "--recompute-granularity", "full"))
     other.parallel.tensor_model_parallel_size, other.parallel.pipeline_model_parallel_size = 2, 1
     out["other_layout"] = run(other, _plugins(table))
     # what GPU runs use: bf16 weights and activations (fp32 main weights and gradient buffers in
-    # megatron's optimizer), packed micro-batches; 2 steps and a save
+    # megatron's optimizer), packed micro-batches (the default); 2 steps and a save
     out["bf16"] = run(parse_config(_argv(hf, os.path.join(root, "bf16"), "--train-iters", "2",
-                                         "--save-interval", "2", "--bf16",
-                                         "--sequence-packing")), _plugins(table))
+                                         "--save-interval", "2", "--bf16")), _plugins(table))
     return out
 
 
@@ -194,7 +193,7 @@ def test_model_reloads_at_another_layout(runs):
 
 
 def test_bf16_packed_run(runs):
-    """--bf16 --sequence-packing (the GPU configuration) on the same recorded rollouts: finite
+    """--bf16 (the GPU configuration; packed micro-batches) on the same recorded rollouts: finite
     metrics, steps taken, and the first step's numbers within bf16 rounding of the fp32 run's
     (same start weights and batch)."""
     root, per_rank = runs

@@ -13,7 +13,7 @@ Proven:
   once; the loss head does not scale again);
 - a non-finite loss skips the optimizer step on every rank and leaves the weights unchanged;
 - the supervised warm-start step (same layout and optimizer) lowers the response NLL;
-- packed micro-batches (--sequence-packing: every view's rows back to back in one row) give the
+- packed micro-batches (the trainer's default: every view's rows back to back in one row) give the
   padded ones' old log-probs, losses and gradients at each layout.
 Also in-process: the micro-batch layout (views share ids and positions, pixels in row order) and
 the token-budget partition.
@@ -158,9 +158,10 @@ def _grads_of(policy, microbatches, head):
 
 
 def _packed_vs_padded(policy, samples, mine, old, loss_fn, ctx):
-    """The trainer's packed micro-batches (--sequence-packing) against its padded ones at the same
-    weights: old log-probs of all samples, then the update's per-micro-batch losses and the
-    gradients of this rank's share (no step). Max differences and the gradient scale."""
+    """The trainer's packed micro-batches (its default) against padded ones
+    (--no-sequence-packing) at the same weights: old log-probs of all samples, then the update's
+    per-micro-batch losses and the gradients of this rank's share (no step). Max differences and
+    the gradient scale."""
     import dataclasses
 
     from megatron_cppo.training.update import (
@@ -300,7 +301,7 @@ def test_loss_and_grad_norm_equal_across_layouts(runs, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_packed_micro_batches_equal_padded(runs, layout):
-    """--sequence-packing: the same old log-probs, per-micro-batch losses and gradients as padded
+    """Packed micro-batches: the same old log-probs, per-micro-batch losses and gradients as padded
     micro-batches (fp32 summation-order tolerance), with perturbed rows in the packed rows."""
     last_stages = 0
     for rec in runs[layout]:
