@@ -146,8 +146,7 @@ class OptimizerConfig:
               "patches, counted for every view")
     sequence_packing: bool = _opt(True, "pack each micro-batch's sequences (every view) back to "
                                         "back in one row: no padding tokens through the model; "
-                                        "same losses as padded rows (--no-sequence-packing: "
-                                        "padded rows)")
+                                        "same losses as padded rows")
     global_batch_size: int = _opt(40, "responses per optimizer step, over all data-parallel ranks")
     lr: float = _opt(1e-6, "peak learning rate")
     min_lr: float = _opt(0.0, "learning rate at the end of the decay")
@@ -440,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             help_text = f.metadata.get("help", "")
             if f.type in ("bool", bool):
+                if _is_negated(f):  # the help says what the flag turns off
+                    help_text = f"turn off (on by default): {help_text}"
                 g.add_argument(_cli_name(f), dest=f.name, help=help_text,
                                action="store_false" if _is_negated(f) else "store_true")
             else:

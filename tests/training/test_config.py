@@ -192,3 +192,12 @@ def test_example_configs_parse(name, worlds):
     assert cfg.optimizer.sequence_packing and cfg.optimizer.max_tokens_per_microbatch
     for world in worlds:
         check_world(cfg, world)
+
+
+def test_switch_off_flags_say_so():
+    """A boolean that defaults to on is a --no-<name> flag whose help says it turns it off."""
+    actions = {s: a for a in build_parser()._actions for s in a.option_strings}
+    for name in ("--no-sequence-packing", "--no-cpl-gating", "--no-batch-p2p-comm"):
+        assert actions[name].help.startswith("turn off (on by default): "), name
+    assert not parse_config(["--no-sequence-packing"]).optimizer.sequence_packing
+    assert parse_config([]).optimizer.sequence_packing
