@@ -243,18 +243,19 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
 
 
 def _pack_rows(mb: dict, lengths_R: list[int]) -> None:
-    """Padded model rows of ``mb`` -> one packed row, in place (the module docstring's layout)."""
-    R, T = mb["logit_index_RT"].shape
-    cu_R1 = torch.zeros(R + 1, dtype=torch.int32)
-    cu_R1[1:] = torch.cumsum(torch.tensor(lengths_R), 0)
+    """Padded model rows of ``mb`` -> one packed row (``packing.pack_samples``), in place, with
+    the logit positions shifted by each row's offset (the module docstring's layout)."""
+    from megatron_cppo.models.qwen2_5_vl import pack_samples
+
     ids_RS, pos_3RS = mb["input_ids"], mb["position_ids"]
-    mb["input_ids"] = torch.cat([ids_RS[r, :n] for r, n in enumerate(lengths_R)])[None]
-    mb["position_ids"] = torch.cat([pos_3RS[:, r, :n] for r, n in enumerate(lengths_R)],
-                                   dim=1)[:, None]
-    offset_R1 = cu_R1[:-1, None].long()
-    mb["logit_index_RT"] = (mb["logit_index_RT"] + offset_R1).reshape(1, R * T)
-    mb["cu_seqlens"] = cu_R1
-    mb["logit_rows"] = (R, T)
+    packed = pack_samples([dict(input_ids=ids_RS[r, :n], position_ids=pos_3RS[:, r, :n])
+                           for r, n in enumerate(lengths_R)])
+    R, T = mb["logit_index_RT"].shape
+    offset_R1 = packed.cu_seqlens[:-1, None].long()
+    mb.update(input_ids=packed.input_ids, position_ids=packed.position_ids,
+              cu_seqlens=packed.cu_seqlens,
+              logit_index_RT=(mb["logit_index_RT"] + offset_R1).reshape(1, R * T),
+              logit_rows=(R, T))
 
 
 def to_device(mb: dict, device: torch.device) -> dict:
