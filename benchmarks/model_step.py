@@ -25,7 +25,9 @@ bf16 peak (``--peak-tflops``, 989 for H100/H200 SXM). Model FLOPs (fwd + bwd = 3
 (no recomputation counted).
 
 Forms: "padded" micro-batches are [batch, seq] rows; "packed" the same sequences back to back in
-one row with cu_seqlens (megatron_cppo.models.qwen2_5_vl.packing): the same tokens and FLOPs.
+one row with cu_seqlens (megatron_cppo.models.qwen2_5_vl.packing): the same tokens and FLOPs,
+the same weights, so the table's loss (the first step's mean over micro-batches, last stage) must
+agree between them up to rounding.
 ``--hf-baseline`` also times transformers' Qwen2_5_VLForConditionalGeneration (attention "sdpa",
 random weights, same micro-batches, padded) in its own process, and the table gives each run's
 time relative to it.
@@ -188,17 +190,23 @@ def _worker(cfg):
                                 image_hw=cfg["image_hw"], packed=form == "packed")
         mbs = [{k: v.to(state.device) for k, v in mb.items()} for mb in mbs]
 
+        first_losses = []  # the first call's per-micro-batch losses (last stage; no update)
+
         def step():
             for c in chunks:
                 if hasattr(c, "zero_grad_buffer"):  # megatron DDP: keep the buffers, zero them
                     c.zero_grad_buffer()
                 else:
                     c.zero_grad(set_to_none=True)
-            run_pipeline(chunks, mbs, loss_head)
+            metrics = run_pipeline(chunks, mbs, loss_head)
+            if not first_losses:
+                first_losses.extend(float(m["loss"]) for m in metrics)
             if cuda:
                 torch.cuda.synchronize()
 
-        results[form] = dict(_time_steps(step, cfg), **memory)
+        # the same weights and tokens in every form: padded and packed losses must agree
+        results[form] = dict(_time_steps(step, cfg), **memory,
+                             loss=statistics.mean(first_losses) if first_losses else None)
         del mbs
     destroy_parallel()
     return results if rank == 0 else None
@@ -342,7 +350,7 @@ def main(argv=None):
                    * 1e6, tokens_per_s=tokens / r["step_s"],
                    mfu=flops / r["step_s"] / (a.peak_tflops * 1e12 * tp * pp) if a.gpu else None,
                    peak_gib=r["peak_gib"], cpu_s=r["cpu_s"], params=r.get("params"),
-                   static_gib=r.get("static_gib"))
+                   static_gib=r.get("static_gib"), loss=r.get("loss"))
         row["rel_to_first"] = row["us_per_token"] / rows[0]["us_per_token"] if rows else 1.0
         rows.append(row)
         extra = (f"  MFU {row['mfu']:.1%}  peak {row['peak_gib']:.1f} GiB" if a.gpu
@@ -370,15 +378,16 @@ def _print_table(rows, what, gpu):
     hf = next((r for r in rows if r["name"].startswith("transformers")), None)
     print(f"\nmodel step (fwd + bwd), {what}")
     print("| run | tp | pp | step ms (median) | rank-0 CPU ms (best) | tokens/s "
-          "| time / transformers | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| time / transformers | MFU | peak GiB | loss (first step) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['step_s'] / hf['step_s']:.2f}" if hf else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        loss = f"{r['loss']:.5f}" if r.get("loss") is not None else "-"
         print(f"| {r['name']} | {r['tp']} | {r['pp']} | {r['step_s'] * 1e3:.1f} "
               f"| {r['cpu_s'] * 1e3:.1f} "
-              f"| {r['tokens_per_s']:.0f} | {ratio} | {mfu} | {peak} |")
+              f"| {r['tokens_per_s']:.0f} | {ratio} | {mfu} | {peak} | {loss} |")
 
 
 def memory_budget(params: int, static_gib: float, peak_gib: float, budget_gib: float) -> dict:
