@@ -9,7 +9,9 @@ backward, with fp32 [chunk, V/tp] scratch. Here:
   local statistics are then moved to the group-wide max with per-token torch ops. The TP
   collectives, the formulas from the reduced sums to the outputs and the autograd bookkeeping are
   the torch path's own code (megatron_cppo/ops/_chunk_stats.py): one MAX, then one SUM of stacked
-  statistics per chunk, on the group passed in;
+  statistics per chunk, on the group passed in. Without a ``chunk_size`` every token is one chunk
+  (nothing here grows with the chunk but [4, C] fp32 numbers): one kernel and a few small
+  per-token ops per pass, instead of that many per chunk;
 - backward reads the logits once and writes the gradient once. It recomputes p from the saved
   per-token log-sum-exp (and entropy / KL), so it needs no collective and no fp32 scratch.
 

@@ -48,11 +48,26 @@ DEFAULT_CHUNK_ELEMENTS = {"cpu": 1_250_000, "cuda": 1 << 26}
 
 
 def default_chunk_size(shard_width: int, device: torch.device | str = "cuda") -> int:
-    """Tokens per chunk used when ``chunk_size=None`` for a vocab shard of ``shard_width`` columns
-    on ``device`` (every rank of a group must get the same value: equal widths, same device type)."""
+    """Tokens per chunk the torch path uses when ``chunk_size=None`` for a vocab shard of
+    ``shard_width`` columns on ``device`` (every rank of a group must get the same value: equal
+    widths, same device type)."""
     kind = torch.device(device).type
     elements = DEFAULT_CHUNK_ELEMENTS.get(kind, DEFAULT_CHUNK_ELEMENTS["cuda"])
     return max(1, elements // max(1, shard_width))
+
+
+def _chunk_tokens(chunk_size: Optional[int], num_tokens: int, shard_width: int,
+                  device: torch.device, triton: bool) -> int:
+    """The chunk the head runs with. The Triton kernels keep no [chunk, V] scratch (four or five
+    fp32 numbers per token), so by default they take every token in one chunk: one kernel launch,
+    one MAX and one SUM per pass. Chunks there would only add launches of the small per-token
+    ops, which at T = 4096 cost more than the kernels (~0.3 ms a pass at the HBM floor). Every
+    rank of a group has the same token count, hence the same single chunk."""
+    if chunk_size is not None:
+        return chunk_size
+    if triton:
+        return max(1, num_tokens)
+    return default_chunk_size(shard_width, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +237,10 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
             meaningless value (mask such positions).
         group: the tensor-parallel group the vocabulary is sharded over (None: not sharded).
         temperature: the rollout temperature; logits are divided by it first, as the sampler does.
-        chunk_size: tokens per chunk (bounds the fp32 scratch to two ``[chunk, V/tp]`` buffers);
-            None: ``default_chunk_size`` for the device (16 tokens on CPU, ~880 on GPU at 76k).
+        chunk_size: tokens per chunk (bounds the torch path's fp32 scratch to two
+            ``[chunk, V/tp]`` buffers); None: ``default_chunk_size`` for the device on the torch
+            path (16 tokens on CPU, ~880 on GPU at 76k), every token at once on the Triton path
+            (which has no such scratch).
         vocab_start: global id of this shard's first column; default ``rank(group) * V/tp``.
         valid_vocab: number of real vocabulary rows; global ids >= it are excluded from the
             softmax (Megatron padding, unused checkpoint rows). None: every column is real.
@@ -247,9 +264,10 @@ def log_probs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, *,
     if vocab_start is None:
         vocab_start = rank * width
     num_valid = _valid_columns(width, vocab_start, valid_vocab)
-    chunk = chunk_size or default_chunk_size(width, logits.device)
+    triton = _resolve_impl(impl, logits) == "triton"
+    chunk = _chunk_tokens(chunk_size, labels.numel(), width, logits.device, triton)
     fn = _LogProbEntropy
-    if _resolve_impl(impl, logits) == "triton":
+    if triton:
         from megatron_cppo.ops.triton_loss_head import TritonLogProbEntropy as fn
     log_probs_N, entropy_N = fn.apply(
         logits.reshape(-1, width), labels.reshape(-1).long(), group if size > 1 else None,
@@ -354,9 +372,11 @@ def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, *,
     rank, size = _group_rank_size(group)
     width = logits_p.shape[-1]
     num_valid = _valid_columns(width, rank * width, valid_vocab)
-    chunk = chunk_size or default_chunk_size(width, logits_p.device)
+    triton = _resolve_impl(impl, logits_p) == "triton"
+    chunk = _chunk_tokens(chunk_size, logits_p.numel() // max(1, width), width, logits_p.device,
+                          triton)
     fn = _FullKL
-    if _resolve_impl(impl, logits_p) == "triton":
+    if triton:
         from megatron_cppo.ops.triton_loss_head import TritonFullKL as fn
     kl_N = fn.apply(logits_p.reshape(-1, width), logits_q.reshape(-1, width),
                          group if size > 1 else None, float(temperature), chunk, num_valid)

@@ -107,10 +107,40 @@ def check_cases(group, rank, tp, device="cpu") -> list[str]:
     return failures
 
 
+def count_chunks(group, impl, tokens=24, width=65_536) -> tuple[int, int]:
+    """Chunks (reductions) one log-prob/entropy call and one KL call make with the default
+    chunk_size: the torch path splits 24 tokens at this width on CPU (19 tokens a chunk), the
+    Triton path takes them in one."""
+    from megatron_cppo.ops import _chunk_stats as cs
+
+    calls = {"lp": 0, "kl": 0}
+    originals = cs.reduce_log_prob_entropy, cs.reduce_kl
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    cs.reduce_log_prob_entropy, cs.reduce_kl = counted("lp", originals[0]), counted("kl",
+                                                                                   originals[1])
+    try:
+        z = torch.randn(tokens, width, generator=torch.Generator().manual_seed(3))
+        log_probs_and_entropy(z, torch.zeros(tokens, dtype=torch.long), group=group, impl=impl)
+        full_kl(z, z.flip(0), group=group, impl=impl)
+    finally:
+        cs.reduce_log_prob_entropy, cs.reduce_kl = originals
+    return calls["lp"], calls["kl"]
+
+
 def _ranks_main(state):
-    """TP 1 on rank 0, then TP 2 on both ranks."""
+    """TP 1 on rank 0, then TP 2 on both ranks; then the chunk counts at TP 2."""
     failures = check_cases(None, 0, 1) if state.rank == 0 else []
-    return failures + check_cases(state.group, state.rank, 2)
+    failures += check_cases(state.group, state.rank, 2)
+    chunks = {impl: count_chunks(state.group, impl) for impl in ("torch", "triton")}
+    if chunks != {"torch": (2, 2), "triton": (1, 1)}:
+        failures.append(f"chunks per call (log-prob, KL) with the default chunk_size: {chunks}")
+    return failures
 
 
 def test_triton_head_matches_torch(monkeypatch):
