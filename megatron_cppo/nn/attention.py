@@ -45,6 +45,20 @@ def _varlen_cached():
     return varlen_attn, "enable_gqa" in params, "is_causal" in params
 
 
+def longest_segment(cu_K1: torch.Tensor) -> int:
+    """Length of the longest segment of ``cu_K1``, computed once per tensor object and kept on it.
+
+    Every layer of a forward receives the same cu_seqlens tensor; on CUDA each computation is a
+    device-to-host sync (the kernels take it as a host int), which would stall the launch queue
+    once per layer. megatron's recompute hands the layers detached copies, which compute it again.
+    cu_seqlens tensors are never modified in place (they are built per micro-batch)."""
+    longest = cu_K1.__dict__.get("_longest_segment")
+    if longest is None:
+        longest = int((cu_K1[1:] - cu_K1[:-1]).max())
+        cu_K1._longest_segment = longest
+    return longest
+
+
 def use_flash_kernels(x: torch.Tensor) -> bool:
     """The CUDA flash / varlen kernels run in half precision only; everything else takes SDPA."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
@@ -61,9 +75,9 @@ def padded_segments_attention(q_ThD, k_TgD, v_TgD, cu_K1, *, scale: float,
     longest. Causal: no mask, as for padded rows (a valid query's keys are all valid). Otherwise
     a key mask (query rows past a segment's end still see its first key: no NaN; dropped).
     [T, h, D] -> [T, h, D]."""
+    longest = longest_segment(cu_K1)
     cu = cu_K1.to(device=q_ThD.device, dtype=torch.long)
     len_K = cu[1:] - cu[:-1]
-    longest = int(len_K.max())
     j_L = torch.arange(longest, device=q_ThD.device)
     valid_KL = j_L[None, :] < len_K[:, None]
     idx_KL = torch.where(valid_KL, cu[:-1, None] + j_L[None, :], 0)
@@ -91,8 +105,8 @@ def varlen_attention(q_ThD, k_TgD, v_TgD, cu_K1, *, scale: float, causal: bool) 
     if found is None:
         return padded_segments_attention(q_ThD, k_TgD, v_TgD, cu_K1, scale=scale, causal=causal)
     varlen_attn, has_gqa, has_causal = found
+    longest = longest_segment(cu_K1)
     cu = cu_K1.to(device=q_ThD.device, dtype=torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
     kwargs: dict = dict(scale=scale)
     if has_gqa:
         kwargs["enable_gqa"] = True

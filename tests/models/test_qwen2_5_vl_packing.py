@@ -144,6 +144,31 @@ def test_segment_attention_matches_reference(causal):
     assert float((got.double() - want).abs().max()) < 1e-6
 
 
+def test_longest_segment_computed_once_per_tensor(monkeypatch):
+    """Layers sharing one cu_seqlens tensor compute its longest segment once (on CUDA each time is
+    a device-to-host sync); a new tensor computes its own."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(attention_dropout=0.0, num_attention_heads=4, num_query_groups=2,
+                             kv_channels=8)
+    layers = [attn.CausalCoreAttention(config, i, None, "self") for i in range(4)]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(24, 1, 4, 8, generator=g)
+    k, v = torch.randn(24, 1, 2, 8, generator=g), torch.randn(24, 1, 2, 8, generator=g)
+    maxima = []
+    real_max = torch.Tensor.max
+    monkeypatch.setattr(torch.Tensor, "max", lambda self, *a, **kw: (
+        maxima.append(1), real_max(self, *a, **kw))[1])
+    cu = torch.tensor([0, 5, 6, 17, 24], dtype=torch.int32)
+    outs = [layer(q, k, v, cu) for layer in layers]
+    assert len(maxima) == 1 and attn.longest_segment(cu) == 11
+    cu2 = torch.tensor([0, 20, 24], dtype=torch.int32)
+    assert attn.longest_segment(cu2) == 20 and len(maxima) == 2
+    monkeypatch.undo()
+    want = _reference(q[:, 0], k[:, 0], v[:, 0], cu, 8 ** -0.5, True)
+    assert float((outs[-1].reshape(24, 4, 8).double() - want).abs().max()) < 1e-6
+
+
 def test_causal_rows_match_reference():
     """Padded rows (GQA): the CPU path equals fp64; the core-attention module returns it."""
     from types import SimpleNamespace
