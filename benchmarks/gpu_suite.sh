@@ -100,13 +100,13 @@ fi
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 part "GPU tests" 90 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
-part "model step 3B" 240 "$PYTHON" benchmarks/model_step.py --gpu --size 3B --seq 4096 \
+part "model step 3B" 210 "$PYTHON" benchmarks/model_step.py --gpu --size 3B --seq 4096 \
   --image-patches 64,64 --batch 1 --num-mb 2 --forms padded packed --hf-baseline --reps 3 \
   --warmup 1 --json "$results/model_step.json"
 part "7B fit" 120 "$PYTHON" benchmarks/model_step.py --gpu --size 7B --seq 4096 \
   --image-patches 64,64 --batch 1 --num-mb 1 --forms packed $full_recompute --memory-report \
   --reps 2 --warmup 1 --json "$results/fit.json"
-part "loss head" 120 "$PYTHON" benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 16384 \
+part "loss head" 150 "$PYTHON" benchmarks/loss_head.py --device cuda --tp 1 --tokens 4096 16384 \
   --variants cppo cppo_triton megatron copy --reps 3 --max-gib-per-rank 70 \
   --json "$results/loss_head.json"
 finish
