@@ -4,6 +4,7 @@
 # summary table.
 #
 #   benchmarks/gpu_suite.sh                  # on the GPU machine, from the repository root
+#                                            # (device tool: carry .whl, timeout 600 s)
 #   PYTHON=.venv/bin/python benchmarks/gpu_suite.sh --cpu-smoke   # the same code paths, tiny, CPU
 #
 # 0. GPU tests (pytest -m gpu): the flash / varlen attention kernels against the CPU path and the
