@@ -54,9 +54,12 @@ def longest_segment(cu_K1: torch.Tensor) -> int:
     cu_seqlens tensors are never modified in place (they are built per micro-batch)."""
     longest = cu_K1.__dict__.get("_longest_segment")
     if longest is None:
-        longest = int((cu_K1[1:] - cu_K1[:-1]).max())
-        cu_K1._longest_segment = longest
+        longest = cu_K1._longest_segment = _segment_max(cu_K1)
     return longest
+
+
+def _segment_max(cu_K1: torch.Tensor) -> int:
+    return int((cu_K1[1:] - cu_K1[:-1]).max())
 
 
 def use_flash_kernels(x: torch.Tensor) -> bool:

@@ -135,6 +135,53 @@ def test_verify_ranks_die_with_their_parent(hf, tmp_path):
     assert scratch and not any(p.exists() for p in scratch), scratch
 
 
+_BLOCKED_RANK = """
+import datetime, os, sys
+from megatron_cppo.convert.verify import _die_with_parent
+_die_with_parent(os.getppid(), sys.argv[1])
+import torch.distributed as dist
+print("connecting", flush=True)
+# no server on this port: the client retries inside C++ for the whole timeout
+dist.TCPStore("127.0.0.1", int(sys.argv[2]), is_master=False,
+              timeout=datetime.timedelta(seconds=300))
+"""
+_PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_rank_blocked_in_cpp_dies_with_parent(tmp_path):
+    """A rank inside a blocking C++ call (process-group set-up, here a TCPStore connect that
+    retries for 300 s) when its parent is SIGKILLed: a Python SIGTERM handler cannot run until
+    the call returns; the watchdog thread ends it within seconds and removes the scratch."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scratch = tmp_path / "mcppo_verify_scratch"
+    scratch.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _BLOCKED_RANK, str(scratch),
+                               str(port)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert parent.stdout.readline().strip() == "connecting"
+    time.sleep(1.0)  # inside the C++ connect loop
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    t0 = time.monotonic()
+    try:
+        child.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        child.kill()
+        pytest.fail("the rank outlived its parent by 30 s")
+    assert time.monotonic() - t0 < 10
+    assert not scratch.exists()
+
+
 def test_full_disk_is_refused_before_work(hf, tmp_path, capsys):
     """A 300 kB tmpfs (needs root and mount; skipped where unavailable): refused up front with
     the free and the needed space, nothing left behind."""
