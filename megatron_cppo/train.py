@@ -83,6 +83,20 @@ def check_outputs(cfg) -> None:
                          f"checkpoint there (remove it or choose another directory)")
 
 
+def _exit_with_launcher() -> None:
+    """A rank under torchrun: end it when the launcher dies (kill -9, the OOM killer) instead of
+    training on as an orphan. The launcher is ``megatron-cppo train`` itself when it launched the
+    local ranks (its pid in the environment), else torchrun's agent (this process's parent)."""
+    from megatron_cppo.parallel.lifetime import LAUNCHER_PID_ENV, exit_with_parent
+
+    pid = os.environ.get(LAUNCHER_PID_ENV)
+    if pid is None and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # not started by torchrun (e.g. srun per rank): the launcher handles its ranks
+    launcher = int(pid) if pid else os.getppid()
+    exit_with_parent(launcher, message=f"error: rank {os.environ.get('RANK', '?')}: its "
+                     f"launcher (pid {launcher}) is gone; stopping")
+
+
 def _launch_local(argv: list[str], nproc: int) -> int:
     """Run this entry under torchrun's launcher (in this process) with ``nproc`` local ranks;
     returns the exit status. A failing rank has printed its own one-line error: the launcher
@@ -92,7 +106,10 @@ def _launch_local(argv: list[str], nproc: int) -> int:
     from torch.distributed.run import get_args_parser
     from torch.distributed.run import run as torchrun
 
+    from megatron_cppo.parallel.lifetime import LAUNCHER_PID_ENV
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores: no oversubscription
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks end if this process dies
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m",
                                          "megatron_cppo.train", *argv])
     print(f"launching {nproc} local ranks: torchrun --standalone --nproc-per-node={nproc} "
@@ -121,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = with_builtin_defaults(sys.argv[1:] if argv is None else argv)
     launched = "LOCAL_RANK" in os.environ
+    if launched:
+        _exit_with_launcher()
     try:
         cfg = parse_config(argv)
         check_outputs(cfg)

@@ -373,37 +373,12 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
 
 def _die_with_parent(parent_pid: int, scratch: str) -> None:
     """This rank removes the launch's scratch directory and exits when the verify process dies
-    (even by SIGKILL): no orphaned ranks, no temp debris.
-
-    Two triggers. Linux sends SIGTERM on the parent's death (PR_SET_PDEATHSIG), but a Python
-    handler only runs when the main thread is back in Python: a rank blocked in a C++ call (the
-    TCPStore connect of process-group set-up retries for the whole collective timeout, 10
-    minutes by default) would outlive its parent by that long. So a daemon thread also polls the
-    parent pid (every 0.2 s; blocking torch calls release the GIL) and exits the process itself."""
-    import ctypes
-    import os
+    (even by SIGKILL, even while blocked in a C++ call): no orphaned ranks, no temp debris."""
     import shutil
-    import signal
-    import threading
-    import time
 
-    def on_term(signum, frame):
-        shutil.rmtree(scratch, ignore_errors=True)
-        os._exit(128 + signum)
+    from megatron_cppo.parallel.lifetime import exit_with_parent
 
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(0.2)
-        on_term(signal.SIGTERM, None)
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before the line above
-        on_term(signal.SIGTERM, None)
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+    exit_with_parent(parent_pid, cleanup=lambda: shutil.rmtree(scratch, ignore_errors=True))
 
 
 def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int, parent_pid: int,

@@ -101,3 +101,48 @@ def test_sft_then_train_from_it(tmp_path):
     for k in ("loss", "reward_mean", "grad_norm", "rollout_vs_train_logprob_diff"):
         assert math.isfinite(step[0][k]), k
     assert any("val_acc" in m for m in rows)
+
+
+def test_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    """``kill -9`` of the launcher (or the OOM killer taking it) while its local ranks train: they
+    end within seconds instead of training on as orphans, each saying why, and leave no child
+    process behind."""
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(MEGATRON_CPPO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore::UserWarning",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
+    log = tmp_path / "console.txt"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "megatron_cppo.cli", "sft", "--warm-start-iters", "1000",
+             "--global-batch-size", "4", "--micro-batch-size", "4", "--save",
+             str(tmp_path / "sft"), "--log-interval", "1", "--no-progress"], env=env,
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    parent = psutil.Process(launcher.pid)
+    family = []
+    try:
+        deadline = time.monotonic() + 300
+        while "warm start 1/" not in log.read_text():  # the ranks are training
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = [p for p in parent.children() if "megatron_cppo.train" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, ranks
+        family = ranks + [c for p in ranks for c in p.children(recursive=True)]
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        gone, alive = psutil.wait_procs(family, timeout=20)
+        assert not alive, [(p.pid, " ".join(p.cmdline())[:80]) for p in alive]
+        text = log.read_text()
+        assert text.count(f"its launcher (pid {launcher.pid}) is gone; stopping") == 2, text[-3000:]
+    finally:
+        for p in [parent] + family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
