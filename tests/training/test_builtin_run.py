@@ -25,13 +25,18 @@ import pytest
 pytest.importorskip("vllm")
 
 
-def _cli(args, cache, timeout=900, cwd=None):
+def _cli_env(cache) -> dict:
+    """A user's environment: no torchrun variables, the built-in cache at ``cache``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(MEGATRON_CPPO_CACHE=str(cache), OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore::UserWarning",
                PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "megatron_cppo.cli", *args], env=env,
+    return env
+
+
+def _cli(args, cache, timeout=900, cwd=None):
+    return subprocess.run([sys.executable, "-m", "megatron_cppo.cli", *args], env=_cli_env(cache),
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
@@ -111,17 +116,13 @@ def test_ranks_stop_when_the_launcher_is_killed(tmp_path):
     import time
 
     psutil = pytest.importorskip("psutil")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(MEGATRON_CPPO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore::UserWarning",
-               PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
     log = tmp_path / "console.txt"
     with open(log, "w") as out:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "megatron_cppo.cli", "sft", "--warm-start-iters", "1000",
              "--global-batch-size", "4", "--micro-batch-size", "4", "--save",
-             str(tmp_path / "sft"), "--log-interval", "1", "--no-progress"], env=env,
+             str(tmp_path / "sft"), "--log-interval", "1", "--no-progress"],
+            env=_cli_env(tmp_path / "cache"),
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     parent = psutil.Process(launcher.pid)
     family = []
