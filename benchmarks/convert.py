@@ -64,8 +64,8 @@ def write_checkpoint(path: Path, config, shard_bytes: int) -> tuple[int, int]:
     whole model in memory). Returns (total bytes, largest tensor bytes)."""
     import torch
 
-    from megatron_cppo.convert.checkpoint import expected_hf_shapes
-    from megatron_cppo.convert.safetensors_io import ShardedSafetensorsWriter
+    from megatron_cppo.checkpoint.safetensors_io import ShardedSafetensorsWriter
+    from megatron_cppo.convert.hf_source import expected_hf_shapes
     from megatron_cppo.models.qwen2_5_vl import mapping
 
     path.mkdir(parents=True)
@@ -125,17 +125,17 @@ class AnonPeak:
 
 def _run_api(argv: list[str], checksums: bool) -> int:
     """The CLI's command, through the API so that checksums can be turned off."""
-    from megatron_cppo.convert import checkpoint, cli
+    from megatron_cppo.convert import cli, conversions
 
     a = cli.build_parser().parse_args(argv)
     if a.command == "hf-to-megatron":  # both variants through the same API calls
-        checkpoint.hf_to_megatron(a.hf_dir, a.out, tp=a.tp, pp=a.pp, progress=False,
-                                  checksums=checksums)
+        conversions.hf_to_megatron(a.hf_dir, a.out, tp=a.tp, pp=a.pp, progress=False,
+                                   checksums=checksums)
     elif a.command == "reshard":
-        checkpoint.reshard(a.megatron_dir, a.out, tp=a.tp, pp=a.pp, progress=False,
-                           checksums=checksums)
+        conversions.reshard(a.megatron_dir, a.out, tp=a.tp, pp=a.pp, progress=False,
+                            checksums=checksums)
     elif a.command == "megatron-to-hf":
-        checkpoint.megatron_to_hf(a.megatron_dir, a.out, progress=False, checksums=checksums)
+        conversions.megatron_to_hf(a.megatron_dir, a.out, progress=False, checksums=checksums)
     elif checksums:
         return cli.main(argv)
     else:
@@ -148,7 +148,7 @@ def worker(spec: dict) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from megatron_cppo.convert import checkpoint, cli  # noqa: F401 (import cost)
+    from megatron_cppo.convert import cli, conversions  # noqa: F401 (import cost)
     from megatron_cppo.models.qwen2_5_vl import builder  # noqa: F401
     import transformers  # noqa: F401
 

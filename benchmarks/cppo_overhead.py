@@ -98,8 +98,7 @@ def main(argv=None) -> int:
                            response_min=args.response_min, image_hw=(h, w))
     f = sum(s.advantage > 0 for s in samples) / len(samples)
     policy = build_policy(hf, state, Qwen25VLModelConfig(perform_initialization=True),
-                          OptimizerConfig(lr=1e-6, global_batch_size=len(samples),
-                                          micro_batch_size=args.micro_batch_size))
+                          OptimizerConfig(lr=1e-6))
     variants = {"grpo": (0.0, False, False), "cppo": (0.01, False, False),
                 "cppo_noskip": (0.01, True, False), "cppo_packed": (0.01, False, True)}
     times = {}

@@ -86,10 +86,9 @@ def main() -> None:
             reader = RowReader([f], seed=0, shuffle=True, jsonl_chunk_rows=1)
             pipes = {"read": reader.next_row}
             for mode in ("clean", "cppo"):
-                cfg = DataConfig(files=[f], min_pixels=min_px, max_pixels=max_px,
-                                 max_prompt_length=4096, perturb=(mode == "cppo"))
-                ds = PromptDataset(cfg, processor)
-                tokens = ds.next_sample().input_ids.numel()  # warm-up
+                ds = PromptDataset(f, processor, DataConfig(max_prompt_length=4096),
+                                   perturb=(mode == "cppo"))
+                tokens = ds.next_sample().prompt_ids.numel()  # warm-up
                 pipes[mode] = ds.next_sample
             rates = {k: 0.0 for k in pipes}
             for _ in range(a.rounds):

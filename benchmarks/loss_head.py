@@ -260,7 +260,7 @@ def _step(variant, logits3, labels, group, chunk_size, num_seqs):
         perturbed=PerturbedPasses(sample_idx_P=torch.arange(num_seqs, device=a.device),
                                   plus_log_probs_PT=b.view(shape), minus_log_probs_PT=c.view(shape),
                                   minus_entropy_PT=hm.view(shape)))
-    loss, _ = CPPOLoss(CPPOLossConfig(advantage_gating=False))(batch)
+    loss, _ = CPPOLoss(CPPOLossConfig(cpl_gating=False))(batch)
     loss.backward()  # the leaves' hooks drop each logits gradient as it arrives
     return [t.detach() for t in (a, b, c, h, hm)] + [loss.detach()]
 

@@ -65,9 +65,9 @@ from megatron_cppo.parallel.launch import run_local_ranks  # noqa: E402
 
 
 def tiny_hf_config():
-    """The tests' tiny untied model (tests/models/tiny_qwen.py), with room for long sequences."""
-    sys.path.insert(0, os.path.join(REPO, "tests", "models"))
-    import tiny_qwen
+    """The tests' tiny untied model (tests/helpers/tiny_qwen.py), with room for long sequences."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from helpers import tiny_qwen
 
     return tiny_qwen.hf_config(tied=False, max_position_embeddings=8192)
 
@@ -162,13 +162,13 @@ def _worker(cfg):
     from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
     from megatron_cppo.models.qwen2_5_vl.config import reference_hf_config
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from megatron_cppo.training.forward_step import run_pipeline
+    from megatron_cppo.models.qwen2_5_vl.forward_step import run_pipeline
 
     state = initialize_parallel(ParallelConfig(tensor_model_parallel_size=cfg["tp"],
                                                pipeline_model_parallel_size=cfg["pp"]))
     hf = reference_hf_config(cfg["size"]) if cuda else tiny_hf_config()
     settings = Qwen25VLModelConfig(
-        dtype="bf16" if cuda else "fp32", perform_initialization=True,
+        bf16=cuda, perform_initialization=True,
         use_cpu_initialization=not cuda, vision_parallel_mode=cfg["vision_mode"],
         attention=cfg["attention"], **cfg["recompute"])
     chunks = build_qwen2_5_vl(hf, state, settings)

@@ -82,8 +82,8 @@ def write_checkpoint(path: Path, config) -> int:
     """Random bf16 tensors of every expected shape, streamed into safetensors. Returns bytes."""
     import torch
 
-    from megatron_cppo.convert.checkpoint import expected_hf_shapes
-    from megatron_cppo.convert.safetensors_io import ShardedSafetensorsWriter
+    from megatron_cppo.checkpoint.safetensors_io import ShardedSafetensorsWriter
+    from megatron_cppo.convert.hf_source import expected_hf_shapes
     import tiny_vl
 
     path.mkdir(parents=True)
@@ -140,7 +140,7 @@ def _rank(ckpt: str, tp: int, pp: int, target, bucket_bytes: int, reps: int, scr
     import torch
     import torch.distributed as dist
 
-    from megatron_cppo.convert.safetensors_io import ShardedSafetensorsWriter
+    from megatron_cppo.checkpoint.safetensors_io import ShardedSafetensorsWriter
     from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig, build_qwen2_5_vl
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
     from megatron_cppo.rollout.refit import StageModel, iter_hf_tensors, refit, stage_manifest
@@ -149,7 +149,7 @@ def _rank(ckpt: str, tp: int, pp: int, target, bucket_bytes: int, reps: int, scr
                                                pipeline_model_parallel_size=pp))
     torch.manual_seed(state.rank)
     chunks = build_qwen2_5_vl(ckpt, state, Qwen25VLModelConfig(
-        dtype="bf16", perform_initialization=True))
+        bf16=True, perform_initialization=True))
     stage = StageModel.from_chunks(chunks)
     dtype = torch.bfloat16
 
@@ -233,7 +233,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             engine = EngineProcess(RolloutConfig(
                 model_path=str(ckpt), dtype="bfloat16", max_model_len=512, max_num_seqs=4,
-                refit_bucket_mb=args.bucket_mb, gpu_memory_utilization=0.3))
+                refit_bucket_mb=args.bucket_mb, rollout_gpu_memory_utilization=0.3))
             print(f"[{size}] engine up in {time.perf_counter() - t0:.1f} s", flush=True)
             try:
                 scratch = tempfile.mkdtemp(prefix="disk_", dir=work)

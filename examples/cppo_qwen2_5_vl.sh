@@ -13,7 +13,8 @@ PP=$(awk '/^pipeline-model-parallel-size/{print $2}' "$CONFIG")
 cd "$(dirname "$0")/.."
 # 1. HF -> megatron at the training layout (once, on node 0)
 if [ "$NODE_RANK" = 0 ] && [ ! -d "$OUT/start" ]; then
-  megatron-cppo convert hf-to-megatron --hf-dir "$HF_DIR" --out "$OUT/start" --tp "$TP" --pp "$PP" \
+  megatron-cppo convert hf-to-megatron --hf-dir "$HF_DIR" --out "$OUT/start" \
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
     --dtype bf16
 fi
 # 2. train (resumes from $OUT/ckpt when it holds a checkpoint)

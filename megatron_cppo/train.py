@@ -5,15 +5,17 @@
     megatron-cppo train                  # the built-in default (configs/tiny_cpu.yaml), 2 ranks
     megatron-cppo train --train-iters 8  # the same with a flag overridden
 
-Parse the config, initialise parallelism, build (policy, reference, rollout engine, data), loop
-``train_step`` (megatron_cppo/training/trainer.py), save, close. Every flag:
-``megatron-cppo train --help`` (megatron_cppo/training/config.py).
+Launch (the local ranks, when started outside torchrun), parse the flags (training/config.py;
+every flag: ``megatron-cppo train --help``), resolve the start point (training/start.py), run
+the phases (training/run.py: warm start, evaluate, train; ``train_step`` is
+training/trainer.py).
 
 Without ``--config``, ``--hf-dir`` and ``--data-path`` the run is the built-in default:
 ``megatron_cppo/configs/tiny_cpu.yaml`` under the given flags, with the tiny Qwen2.5-VL and the
-built-in dataset prepared offline on first use (training/builtin.py). Started outside torchrun
-(no ``LOCAL_RANK`` in the environment), a run that needs tp x pp > 1 processes launches itself on
-this machine with that many (``torch.distributed.run --standalone``, one data-parallel replica).
+built-in dataset prepared offline on first use (training/builtin.py, from resolve_start).
+Started outside torchrun (no ``LOCAL_RANK`` in the environment), a run that needs tp x pp > 1
+processes launches itself on this machine with that many (``torch.distributed.run
+--standalone``, one data-parallel replica).
 """
 
 from __future__ import annotations
@@ -21,43 +23,6 @@ from __future__ import annotations
 import os
 import sys
 from typing import Optional, Sequence
-
-
-def default_plugins(cfg, state, hf_config):
-    """The vLLM rollout engine, the prompt datasets and the reward of a real run
-    (megatron_cppo/training/plugins.py)."""
-    from megatron_cppo.training.plugins import build_plugins
-
-    return build_plugins(cfg, state, hf_config)
-
-
-def resolve_sources(cfg) -> None:
-    """Where the model and data come from. ``--load`` without ``--hf-dir``: the HF directory the
-    checkpoint records (its tokenizer and processor drive the data and the rollout engine), if
-    it still exists. Then, without --hf-dir (and --load) the built-in tiny Qwen2.5-VL with the
-    real Qwen2.5 tokenizer; without --data-path the built-in dataset
-    (megatron_cppo/training/builtin.py)."""
-    if cfg.model.hf_dir is None and cfg.checkpoint.load is not None:
-        from megatron_cppo.training.checkpoint import find_checkpoint, read_meta
-
-        source = read_meta(find_checkpoint(cfg.checkpoint.load)).source_hf_dir
-        if source is not None and os.path.isdir(source):
-            cfg.model.hf_dir = source
-    if cfg.data.data_path is not None and (cfg.model.hf_dir is not None
-                                           or cfg.checkpoint.load is not None):
-        return
-    from megatron_cppo.training.builtin import prepare_builtin
-
-    hf_dir, data_dir = prepare_builtin(rank=int(os.environ.get("RANK", "0")))
-    if cfg.model.hf_dir is None and cfg.checkpoint.load is None:
-        cfg.model.hf_dir = hf_dir
-    if cfg.data.data_path is None:
-        cfg.data.data_path = os.path.join(data_dir, "train.parquet")
-        if cfg.data.val_data_path is None:
-            cfg.data.val_data_path = os.path.join(data_dir, "validation.parquet")
-    if cfg.data.sft_data_path is None:
-        cfg.data.sft_data_path = os.path.join(data_dir, "sft.parquet")
-
 
 BUILTIN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                               "tiny_cpu.yaml")
@@ -73,14 +38,6 @@ def with_builtin_defaults(argv: Sequence[str]) -> list[str]:
     if named & set(_RUN_SOURCES):
         return argv
     return ["--config", BUILTIN_CONFIG] + argv
-
-
-def check_outputs(cfg) -> None:
-    """Refuse, before any work, an output the run could only fail to write at its end."""
-    save = cfg.checkpoint.save
-    if cfg.data.sft_only and save is not None and os.path.exists(save):
-        raise ValueError(f"--save: {save} already exists; megatron-cppo sft writes a new "
-                         f"checkpoint there (remove it or choose another directory)")
 
 
 def _exit_with_launcher() -> None:
@@ -134,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet_library_warnings()  # before megatron-core is imported (launcher and every rank)
     from megatron_cppo.training.config import parse_config
-    from megatron_cppo.training.loop import run
+    from megatron_cppo.training.run import run
+    from megatron_cppo.training.start import resolve_start
 
     argv = with_builtin_defaults(sys.argv[1:] if argv is None else argv)
     launched = "LOCAL_RANK" in os.environ
@@ -142,15 +100,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _exit_with_launcher()
     try:
         cfg = parse_config(argv)
-        check_outputs(cfg)
-        nproc = cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+        nproc = cfg.parallel.model_parallel_size
         if not launched and nproc > 1:
             return _launch_local(argv, nproc)
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                                MASTER_ADDR="127.0.0.1", MASTER_PORT="29511").items():
             os.environ.setdefault(key, value)  # one process without torchrun
-        resolve_sources(cfg)
-        run(cfg, default_plugins)
+        cfg, start = resolve_start(cfg)
+        run(cfg, start)
     except ValueError as e:  # bad flags or input: one line naming the flag / file
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -18,6 +18,7 @@ def _run(code: str):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_import_patches_nothing():
     _run("""
         import importlib.util, os, sys
@@ -40,6 +41,7 @@ def test_import_patches_nothing():
     """)
 
 
+@pytest.mark.slow
 def test_inactive_when_cuda_available():
     # Mock only the availability check: megatron and torch.cuda stay as they are.
     _run("""
@@ -59,6 +61,7 @@ def test_inactive_when_cuda_available():
     """)
 
 
+@pytest.mark.slow
 def test_active_without_cuda():
     _run("""
         import torch
@@ -102,6 +105,7 @@ def test_active_without_cuda():
     """)
 
 
+@pytest.mark.slow
 def test_qwen_vl_utils_import_leaves_no_torchvision_standin():
     out = _run("""
         import importlib.util, sys
@@ -130,7 +134,8 @@ def test_vpp_at_pp2_with_batched_p2p_is_refused():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(tensor_model_parallel_size=0), "tensor_model_parallel_size must be a positive"),
+    (dict(tensor_model_parallel_size=0), "^--tensor-model-parallel-size: must be an integer"),
+    (dict(decoder_first_pipeline_num_layers=1), "^--decoder-first-pipeline-num-layers: needs"),
     (dict(virtual_pipeline_model_parallel_size=2), "needs pipeline_model_parallel_size > 1"),
     (dict(context_parallel_size=2), "context_parallel_size > 1 is not supported"),
     (dict(sequence_parallel=True), "sequence_parallel needs tensor_model_parallel_size > 1"),

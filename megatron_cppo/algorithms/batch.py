@@ -65,7 +65,7 @@ class CPPOMicroBatch:
     response_mask_BT: torch.Tensor          # 1 on response tokens, 0 on padding
     advantages_B: torch.Tensor              # GRPO advantage per sequence
     entropy_BT: Optional[torch.Tensor] = None      # H_t of the clean pass (selection, metric, bonus)
-    ref_log_probs_BT: Optional[torch.Tensor] = None  # frozen reference, needed if kl_loss_coef > 0
+    ref_log_probs_BT: Optional[torch.Tensor] = None  # frozen reference, needed if kl_coef > 0
     logits_BTV: Optional[torch.Tensor] = None      # clean logits shard, full-vocab divergence only
     perturbed: Optional[PerturbedPasses] = None
 

@@ -1,6 +1,6 @@
 """The CPPO micro-batch loss: GRPO policy loss + reference KL + Contrastive Perception Loss.
 
-    loss = L_pg - entropy_coef * L_H + kl_loss_coef * L_KL + cpl_coef * L_CPL
+    loss = L_pg - entropy_coef * L_H + kl_coef * L_KL + cpl_coef * L_CPL
 
 each term aggregated over the micro-batch with ``loss_agg_mode``; every default and formula follows
 the reference CPPO recipe (docs/cppo-objective.md, which also lists the deliberate differences).
@@ -26,7 +26,6 @@ Shape suffixes: B sequences of the micro-batch, T response positions.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -52,6 +51,7 @@ from megatron_cppo.algorithms.policy_loss import (
     ppo_clip_policy_loss,
     reference_kl_loss,
 )
+from megatron_cppo.options import bad, check_bool, check_choice, check_float, option
 
 __all__ = ["CPPOLoss", "CPPOLossConfig", "build_perception_term",
            "samples_needing_perturbed_passes"]
@@ -61,74 +61,70 @@ FULL_VOCAB = "full_vocab"
 
 @dataclass(kw_only=True)
 class CPPOLossConfig:
-    """Loss settings; defaults reproduce the reference CPPO recipe (docs/cppo-objective.md)."""
+    """Loss settings; defaults reproduce the reference CPPO recipe (docs/cppo-objective.md). Every
+    field is a trainer flag of the same name (``--kl-coef``, ``--no-cpl-gating``, ...)."""
 
     # PPO clip and dual clip
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float = 3.0
-    loss_agg_mode: str = "token-mean"
-    # KL to the frozen reference model as a loss term (estimator k1 | k2 | k3 = low_var_kl)
-    kl_loss_coef: float = 0.01
-    kl_loss_type: str = "low_var_kl"
+    clip_ratio_low: float = option(0.2, "PPO clip, lower")
+    clip_ratio_high: float = option(0.2, "PPO clip, upper")
+    clip_ratio_c: float = option(3.0, "PPO dual clip for negative advantages")
+    loss_agg_mode: str = option("token-mean", "token-mean, seq-mean-token-sum, "
+                                              "seq-mean-token-mean or seq-mean-token-sum-norm")
+    # KL to the frozen reference model as a loss term
+    kl_coef: float = option(0.01, "coefficient of the KL-to-reference loss term (0: no "
+                                  "reference model is built)")
+    kl_estimator: str = option("low_var_kl", "k1, k2, k3 or low_var_kl (= k3)")
     # entropy bonus (entropy is still computed for selection and logging)
-    entropy_coef: float = 0.0
+    entropy_coef: float = option(0.0, "entropy bonus coefficient")
     # Contrastive Perception Loss; cpl_coef = 0 is plain GRPO (no perturbed passes)
-    cpl_coef: float = 0.01
-    cpl_tau: float = 0.1
-    cpl_top_percent: float = 0.5
-    cpl_entropy_eps: float = 1e-6
-    use_perception_mask: bool = True
-    advantage_gating: bool = True
-    # CPL divergence: None follows kl_loss_type; or k1 | k2 | k3 | low_var_kl | "full_vocab"
+    cpl_coef: float = option(0.01, "Contrastive Perception Loss coefficient (0: plain GRPO, no "
+                                   "perturbed passes)")
+    cpl_tau: float = option(0.1, "CPL temperature")
+    cpl_top_percent: float = option(0.5, "fraction of the tokens with an entropy increase kept "
+                                         "as perception tokens")
+    cpl_entropy_eps: float = option(1e-6, "epsilon of the relative entropy increase "
+                                          "(H(I-) - H) / (H + eps) that selects the tokens")
+    perception_mask: bool = option(True, "CPL on the selected perception tokens only")
+    cpl_gating: bool = option(True, "CPL only for responses with advantage > 0")
+    # CPL divergence: None follows kl_estimator; or k1 | k2 | k3 | low_var_kl | "full_vocab"
     # (exact KL over the TP-sharded vocabulary, beyond the reference; needs the logits).
-    cpl_divergence: Optional[str] = None
+    cpl_divergence: Optional[str] = option(
+        None, "divergence of the CPL terms: k1, k2, k3, low_var_kl or full_vocab (the exact KL "
+              "over the whole vocabulary, beyond the reference); default: --kl-estimator's")
     # Opt-in clamp of the sampled-token CPL divergences to [-c, c] (beyond the reference, which
     # clamps only inside k3); None: no extra clamp.
-    cpl_divergence_clamp: Optional[float] = None
+    cpl_divergence_clamp: Optional[float] = option(
+        None, "clamp the sampled-token CPL divergences to [-c, c] (beyond the reference, which "
+              "clamps only inside k3); default: none")
 
     def __post_init__(self):
-        if not 0.0 <= self.clip_ratio_low < 1.0:
-            raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low!r}")
-        if not self.clip_ratio_high >= 0.0:
-            raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high!r}")
-        if not self.clip_ratio_c > 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 (dual clip lower bound), "
-                             f"got {self.clip_ratio_c!r}")
-        if self.loss_agg_mode not in AGG_MODES:
-            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
+        check_float(self, "clip_ratio_low", 0.0, 1.0, hi_open=True)
+        check_float(self, "clip_ratio_high", 0.0)
+        check_float(self, "clip_ratio_c", 1.0, lo_open=True)
+        check_choice(self, "loss_agg_mode", AGG_MODES)
+        check_float(self, "kl_coef", 0.0)
         try:
-            canonical_kl_kind(self.kl_loss_type)
+            canonical_kl_kind(self.kl_estimator)
         except ValueError as e:
-            raise ValueError(f"kl_loss_type: {e}") from None
-        for name in ("kl_loss_coef", "cpl_coef", "entropy_coef"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("kl_loss_coef", "cpl_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.cpl_tau > 0:
-            raise ValueError(f"cpl_tau must be > 0, got {self.cpl_tau!r}")
-        if not 0.0 < self.cpl_top_percent <= 1.0:
-            raise ValueError(f"cpl_top_percent must be in (0, 1], got {self.cpl_top_percent!r}")
-        if self.cpl_divergence_clamp is not None and not (
-                isinstance(self.cpl_divergence_clamp, (int, float))
-                and self.cpl_divergence_clamp > 0):
-            raise ValueError(f"cpl_divergence_clamp must be None or > 0, "
-                             f"got {self.cpl_divergence_clamp!r}")
-        if not self.cpl_entropy_eps >= 0:
-            raise ValueError(f"cpl_entropy_eps must be >= 0, got {self.cpl_entropy_eps!r}")
+            raise bad("kl_estimator", str(e)) from None
+        check_float(self, "entropy_coef")
+        check_float(self, "cpl_coef", 0.0)
+        check_float(self, "cpl_tau", 0.0, lo_open=True)
+        check_float(self, "cpl_top_percent", 0.0, 1.0, lo_open=True)
+        check_float(self, "cpl_entropy_eps", 0.0)
+        check_bool(self, "perception_mask")
+        check_bool(self, "cpl_gating")
         if self.cpl_divergence is not None and self.cpl_divergence != FULL_VOCAB:
             try:
                 canonical_kl_kind(self.cpl_divergence)
             except ValueError:
-                raise ValueError(f"cpl_divergence must be None, 'k1', 'k2', 'k3', 'low_var_kl' or "
-                                 f"'{FULL_VOCAB}', got {self.cpl_divergence!r}") from None
+                raise bad("cpl_divergence", f"must be 'k1', 'k2', 'k3', 'low_var_kl' or "
+                          f"'{FULL_VOCAB}', got {self.cpl_divergence!r}") from None
+        check_float(self, "cpl_divergence_clamp", 0.0, lo_open=True, optional=True)
         # settings that would be silently ignored
         defaults = CPPOLossConfig.__dataclass_fields__
-        cpl_fields = ("cpl_tau", "cpl_top_percent", "cpl_entropy_eps", "use_perception_mask",
-                      "advantage_gating", "cpl_divergence", "cpl_divergence_clamp")
+        cpl_fields = ("cpl_tau", "cpl_top_percent", "cpl_entropy_eps", "perception_mask",
+                      "cpl_gating", "cpl_divergence", "cpl_divergence_clamp")
         changed = [f for f in cpl_fields if getattr(self, f) != defaults[f].default]
         if self.cpl_coef == 0 and changed:
             warnings.warn(f"CPPOLossConfig: {', '.join(changed)} ignored because cpl_coef = 0",
@@ -136,19 +132,19 @@ class CPPOLossConfig:
         if self.cpl_divergence == FULL_VOCAB and self.cpl_divergence_clamp is not None:
             warnings.warn("CPPOLossConfig: cpl_divergence_clamp ignored because "
                           "cpl_divergence='full_vocab'", stacklevel=3)
-        if not self.use_perception_mask:
+        if not self.perception_mask:
             unused = [f for f in ("cpl_top_percent", "cpl_entropy_eps")
                       if getattr(self, f) != defaults[f].default]
             if unused:
                 warnings.warn(f"CPPOLossConfig: {', '.join(unused)} ignored because "
-                              "use_perception_mask=False", stacklevel=3)
+                              "perception_mask=False", stacklevel=3)
 
     @property
     def cpl_divergence_kind(self) -> str:
         """'k1' | 'k2' | 'k3' | 'full_vocab' after resolving None to the KL-loss estimator."""
         if self.cpl_divergence == FULL_VOCAB:
             return FULL_VOCAB
-        return canonical_kl_kind(self.cpl_divergence or self.kl_loss_type)
+        return canonical_kl_kind(self.cpl_divergence or self.kl_estimator)
 
 
 def build_perception_term(config: CPPOLossConfig, *, tp_group: Optional[dist.ProcessGroup] = None,
@@ -158,7 +154,7 @@ def build_perception_term(config: CPPOLossConfig, *, tp_group: Optional[dist.Pro
     ``valid_vocab`` describe the logits and are used only by the full-vocabulary divergence."""
     if config.cpl_coef == 0:
         return NoPerceptionTerm()
-    if config.use_perception_mask:
+    if config.perception_mask:
         selector = TopRelativeEntropyIncrease(top_percent=config.cpl_top_percent,
                                               eps=config.cpl_entropy_eps)
     else:
@@ -170,7 +166,7 @@ def build_perception_term(config: CPPOLossConfig, *, tp_group: Optional[dist.Pro
         divergence = SampledDivergence(kind=config.cpl_divergence_kind,
                                        clamp=config.cpl_divergence_clamp)
     return ContrastivePerceptionLoss(selector=selector, divergence=divergence, tau=config.cpl_tau,
-                                     advantage_gating=config.advantage_gating,
+                                     advantage_gating=config.cpl_gating,
                                      agg_mode=config.loss_agg_mode)
 
 
@@ -224,12 +220,12 @@ class CPPOLoss:
         elif cfg.entropy_coef != 0:
             raise ValueError("entropy_coef != 0 needs batch.entropy_BT (with grad)")
 
-        if cfg.kl_loss_coef > 0:
+        if cfg.kl_coef > 0:
             if batch.ref_log_probs_BT is None:
-                raise ValueError("kl_loss_coef > 0 needs batch.ref_log_probs_BT")
+                raise ValueError("kl_coef > 0 needs batch.ref_log_probs_BT")
             kl_loss = reference_kl_loss(batch.log_probs_BT, batch.ref_log_probs_BT.detach(),
-                                        mask_BT, kind=cfg.kl_loss_type, agg_mode=cfg.loss_agg_mode)
-            loss = loss + cfg.kl_loss_coef * kl_loss
+                                        mask_BT, kind=cfg.kl_estimator, agg_mode=cfg.loss_agg_mode)
+            loss = loss + cfg.kl_coef * kl_loss
             metrics["kl_loss"] = kl_loss.detach()
 
         cpl_loss, cpl_metrics = self.perception(batch)

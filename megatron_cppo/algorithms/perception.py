@@ -98,7 +98,7 @@ class TopRelativeEntropyIncrease:
 
 @dataclass(kw_only=True)
 class AllResponseTokens:
-    """Ablation ``use_perception_mask=False``: every response token enters CPL."""
+    """Ablation ``perception_mask=False``: every response token enters CPL."""
 
     needs_minus_entropy: bool = False
 

@@ -10,11 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_cppo.dtypes import SHORT_NAMES
+
 META_NAME = "megatron_cppo.json"
 MODEL_SUBDIR = "model"
-FORMAT_VERSION = 1
-DTYPES = ("bf16", "fp16", "fp32")
-VISION_PARALLEL = ("tp", "dp_in_tp")
+FORMAT_VERSION = 2
+# Format 1 (converter 0.x before the config rebuild) spelled three fields differently; it still
+# loads: its fields are renamed on reading (``parse_meta``).
+_V1_NAMES = {"vision_parallel": "vision_parallel_mode",
+             "num_layers_in_first_pipeline_stage": "decoder_first_pipeline_num_layers",
+             "num_layers_in_last_pipeline_stage": "decoder_last_pipeline_num_layers"}
+READABLE_VERSIONS = (1, FORMAT_VERSION)
+VISION_PARALLEL_MODES = ("tp", "dp_in_tp")  # as resolved for the layout (never "auto")
 # HF key layouts an export can be written in (docs/checkpoints.md):
 #   "transformers":   model.embed_tokens / model.layers.* / model.norm / visual.* / lm_head
 #                     (what transformers' save_pretrained and the released checkpoints write)
@@ -36,12 +43,12 @@ class CheckpointMeta:
     source_hf_dir: Optional[str]
     tp: int
     pp: int
-    vision_parallel: str
+    vision_parallel_mode: str
     dtype: str
     padded_vocab_size: int
     # uneven pipeline split the checkpoint was written for (None: even split)
-    num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
     # HF key layout of the source directory (HF_LAYOUTS); None: not converted from HF
     source_hf_layout: Optional[str] = None
     # extra distributed-checkpoint subdirectories saved alongside model/ (optimizer, ...)
@@ -57,9 +64,9 @@ class CheckpointMeta:
 
     @property
     def pipeline_split(self) -> dict:
-        """Keyword arguments for ``Qwen25VLModelConfig`` reproducing the recorded split."""
-        return dict(num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
-                    num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage)
+        """Keyword arguments for ``ParallelConfig`` reproducing the recorded split."""
+        return dict(decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
+                    decoder_last_pipeline_num_layers=self.decoder_last_pipeline_num_layers)
 
 
 def _is_int(v) -> bool:
@@ -74,13 +81,14 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "source_hf_dir": (lambda v: v is None or isinstance(v, str), "a path or null"),
     "tp": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "pp": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "vision_parallel": (lambda v: v in VISION_PARALLEL, f"one of {list(VISION_PARALLEL)}"),
-    "dtype": (lambda v: v in DTYPES, f"one of {list(DTYPES)}"),
+    "vision_parallel_mode": (lambda v: v in VISION_PARALLEL_MODES,
+                             f"one of {list(VISION_PARALLEL_MODES)}"),
+    "dtype": (lambda v: v in SHORT_NAMES, f"one of {list(SHORT_NAMES)}"),
     "padded_vocab_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "num_layers_in_first_pipeline_stage": (lambda v: v is None or (_is_int(v) and v >= 1),
-                                           "a positive integer or null"),
-    "num_layers_in_last_pipeline_stage": (lambda v: v is None or (_is_int(v) and v >= 1),
+    "decoder_first_pipeline_num_layers": (lambda v: v is None or (_is_int(v) and v >= 1),
                                           "a positive integer or null"),
+    "decoder_last_pipeline_num_layers": (lambda v: v is None or (_is_int(v) and v >= 1),
+                                         "a positive integer or null"),
     "source_hf_layout": (lambda v: v is None or v in HF_LAYOUTS,
                          f"one of {list(HF_LAYOUTS)} or null"),
     "extra_state": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
@@ -94,6 +102,9 @@ def parse_meta(raw: Any, path: Path) -> CheckpointMeta:
     """Validate the decoded JSON field by field (CheckpointError naming file and field)."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: checkpoint metadata must be a JSON object")
+    if raw.get("format_version") == 1:  # the old spellings, read as today's
+        raw = {_V1_NAMES.get(k, k): v for k, v in raw.items()}
+        raw["format_version"] = FORMAT_VERSION
     fields = {f.name: f for f in dataclasses.fields(CheckpointMeta)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -106,7 +117,7 @@ def parse_meta(raw: Any, path: Path) -> CheckpointMeta:
         raise CheckpointError(f"{path}: metadata lacks {missing}")
     if raw["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {raw['format_version']!r} is not "
-                              f"supported (this version reads {FORMAT_VERSION})")
+                              f"supported (this version reads {list(READABLE_VERSIONS)})")
     for name, value in raw.items():
         ok, what = _CHECKS[name]
         if not ok(value):

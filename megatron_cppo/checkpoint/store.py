@@ -18,8 +18,9 @@ from megatron_cppo.checkpoint.atomic import (check_output_dir, make_partial_dir,
 from megatron_cppo.checkpoint.meta import (FORMAT_VERSION, HF_LAYOUTS, META_NAME, MODEL_SUBDIR,
                                            RESERVED_SUBDIRS, CheckpointError, CheckpointMeta,
                                            read_meta)
+from megatron_cppo.dtypes import short_name
+from megatron_cppo.parallel.agree import agree
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _unwrap(chunk):
@@ -101,7 +102,7 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, 
                          f"{source_hf_layout!r}")
     out_dir = Path(out_dir).absolute()
     model = _unwrap(chunks[0])
-    dtype = _DTYPE_NAMES[next(chunks[0].parameters()).dtype]
+    dtype = short_name(next(chunks[0].parameters()).dtype)
     subdirs = [MODEL_SUBDIR] + list(extra_sharded)
     lock, tmp, prep_error = (None, None, None)
     if state.rank == 0:
@@ -121,11 +122,7 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, 
                 dist_checkpointing.save(sd, str(tmp_dir / name))
         except BaseException as e:  # noqa: BLE001 - every rank must reach the agreement below
             error = e
-        ok = torch.tensor([0 if error else 1])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if int(ok) == 0:
-            raise error if error is not None else RuntimeError(
-                "another rank failed to save the checkpoint; nothing was written")
+        agree(error, "saving the checkpoint (nothing was written)")
         tables = integrity.compute_collective(tmp_dir, subdirs)
         if state.rank == 0:
             integrity.write(tmp_dir, tables)
@@ -134,10 +131,8 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, 
                 format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
                 hf_config=load_hf_config(hf_config).to_dict(), source_hf_dir=source_hf_dir,
                 tp=state.tp_size, pp=state.pp_size,
-                vision_parallel=layout.vision_parallel_mode, dtype=dtype,
-                padded_vocab_size=layout.padded_vocab_size,
-                num_layers_in_first_pipeline_stage=layout.num_layers_in_first_pipeline_stage,
-                num_layers_in_last_pipeline_stage=layout.num_layers_in_last_pipeline_stage,
+                vision_parallel_mode=layout.vision_parallel_mode, dtype=dtype,
+                padded_vocab_size=layout.padded_vocab_size, **layout.pipeline_split,
                 source_hf_layout=source_hf_layout, extra_state=list(extra_sharded),
                 extra=extra_metadata, checksums=integrity.ALGORITHM).write(tmp_dir)
             swap_into_place(tmp_dir, out_dir)
@@ -149,35 +144,34 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, 
             lock.__exit__(None, None, None)
 
 
-def _read_meta_collective(checkpoint_dir, subdirs_of) -> CheckpointMeta:
-    """Metadata and checksums checked by all ranks (the checksum work divided among them); the
-    same CheckpointError on every rank if anything is wrong."""
-    error = None
-    meta = None
-    try:
-        meta = read_meta(checkpoint_dir)
-    except CheckpointError as e:
-        error = str(e)
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise CheckpointError(first)
+def _read_meta_collective(checkpoint_dir, subdirs_of,
+                          meta: Optional[CheckpointMeta] = None) -> CheckpointMeta:
+    """Metadata (read here unless the caller read it already: ``meta``) and checksums checked by
+    all ranks (the checksum work divided among them); a CheckpointError on every rank if
+    anything is wrong."""
+    if meta is None:
+        error = None
+        try:
+            meta = read_meta(checkpoint_dir)
+        except CheckpointError as e:
+            error = e
+        agree(error, f"reading the metadata of {checkpoint_dir}", error_type=CheckpointError)
     integrity.verify_collective(checkpoint_dir, subdirs_of(meta),
                                 expected=meta.checksums is not None)
     return meta
 
 
-def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], checkpoint_dir,
-                             state) -> CheckpointMeta:
+def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], checkpoint_dir, state, *,
+                             meta: Optional[CheckpointMeta] = None) -> CheckpointMeta:
     """Load the model weights of a checkpoint into this rank's built chunks (any TP x PP x VPP
     and pipeline split) with megatron-core's distributed loader. Collective over all ranks. The
-    metadata and the checksums of ``model/`` are verified first (the ranks share the work; a
-    damaged chunk raises CheckpointError naming it, on every rank). Returns the metadata
-    (``meta.extra`` holds the caller's JSON)."""
+    metadata (unless given: ``meta``, as ``read_meta`` returned it) and the checksums of
+    ``model/`` are verified first (the ranks share the work; a damaged chunk raises
+    CheckpointError naming it, on every rank). Returns the metadata (``meta.extra`` holds the
+    caller's JSON)."""
     from megatron.core import dist_checkpointing
 
-    meta = _read_meta_collective(checkpoint_dir, lambda m: [MODEL_SUBDIR])
+    meta = _read_meta_collective(checkpoint_dir, lambda m: [MODEL_SUBDIR], meta)
     padded = _unwrap(chunks[0]).layout.padded_vocab_size
     if padded != meta.padded_vocab_size:
         raise CheckpointError(
@@ -192,15 +186,16 @@ def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], checkpoint_dir,
     return meta
 
 
-def load_extra_state(checkpoint_dir, name: str, sharded_state_dict: dict) -> dict:
+def load_extra_state(checkpoint_dir, name: str, sharded_state_dict: dict, *,
+                     meta: Optional[CheckpointMeta] = None) -> dict:
     """Load the extra sharded state ``name`` (saved via ``extra_sharded``) for this rank's
     ``sharded_state_dict`` (same structure as at save, e.g. the optimizer's); collective, checksums
-    verified first. Returns megatron's loaded state dict (e.g. for
-    ``optimizer.load_state_dict``)."""
+    verified first (the metadata too unless given: ``meta``). Returns megatron's loaded state dict
+    (e.g. for ``optimizer.load_state_dict``)."""
     from megatron.core import dist_checkpointing
 
     meta = _read_meta_collective(checkpoint_dir, lambda m: [name] if m and name in m.extra_state
-                                 else [])
+                                 else [], meta)
     if name not in meta.extra_state:
         raise CheckpointError(f"{checkpoint_dir}: holds no extra state {name!r} (it has "
                               f"{meta.extra_state})")

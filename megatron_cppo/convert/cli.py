@@ -2,12 +2,13 @@
 checkpoints, at any tensor x pipeline parallel layout.
 
     megatron-cppo-convert hf-to-megatron --hf-dir Qwen2.5-VL-7B-Instruct --out ckpt/tp2pp2 \
-        --tp 2 --pp 2
-    megatron-cppo-convert reshard --megatron-dir ckpt/tp2pp2 --out ckpt/tp4pp1 --tp 4 --pp 1
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+    megatron-cppo-convert reshard --megatron-dir ckpt/tp2pp2 --out ckpt/tp4pp1 \
+        --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1
     megatron-cppo-convert megatron-to-hf --megatron-dir ckpt/tp4pp1 --out Qwen2.5-VL-7B-cppo
     megatron-cppo-convert verify --hf-dir Qwen2.5-VL-7B-Instruct --megatron-dir ckpt/tp2pp2
 
-The conversions live in ``megatron_cppo.convert.checkpoint`` (streaming, one parameter at a time;
+The conversions live in ``megatron_cppo.convert.conversions`` (streaming, one parameter at a time;
 names and transforms from ``models/qwen2_5_vl/mapping.py``), the logits check in
 ``megatron_cppo.convert.verify``. This module only parses flags, calls them and reports.
 
@@ -33,7 +34,8 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 
 _EPILOG = """\
 journeys:
-  HF -> training layout   hf-to-megatron --hf-dir HF --out CKPT --tp 2 --pp 2
+  HF -> training layout   hf-to-megatron --hf-dir HF --out CKPT --tensor-model-parallel-size 2
+                          (--tp 2 for short; --pipeline-model-parallel-size / --pp likewise)
   change the layout       reshard --megatron-dir CKPT --out CKPT2 --tp 4 --pp 1
   export for serving      megatron-to-hf --megatron-dir CKPT2 --out HF_OUT
   check a conversion      verify --hf-dir HF --megatron-dir CKPT
@@ -105,6 +107,36 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                    help="do not draw the per-tensor progress bar (logs, CI)")
 
 
+def _subcommand(sub, name: str, help: str, *, description: str, **extra):
+    """One command of the converter: its one-line help and its description, wrapped."""
+    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, help=help,
+                          description=_fill(description), **extra)
+
+
+def _add_layout_flags(p: argparse.ArgumentParser, *, target: bool) -> None:
+    """The layout a command writes, with the trainer's (Megatron-LM's) flag names; ``target``:
+    reshard's (TP and PP required), else hf-to-megatron's (default 1 x 1)."""
+    what = "target " if target else ""
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=_positive_int,
+                   metavar="N", **(dict(required=True) if target else dict(default=1)),
+                   help=f"{what}tensor-model-parallel size (must divide the attention heads, "
+                        f"query groups and MLP width)" + ("" if target else "; default 1"))
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=_positive_int,
+                   metavar="M", **(dict(required=True) if target else dict(default=1)),
+                   help=f"{what}pipeline-model-parallel size" + ("" if target else "; default 1")
+                        + ". Where it does not divide the language model's layers and no split "
+                          "is given, an uneven split is chosen (fewest layers on the first "
+                          "stage) and printed")
+    # the modes are validated by Qwen25VLModelConfig (one list of them; importing it here would
+    # make --help load megatron-core)
+    p.add_argument("--vision-parallel-mode", default="auto", metavar="MODE",
+                   help=f"{what}vision tower layout: 'tp' shards it with the language model's "
+                        f"TP, 'dp_in_tp' keeps whole ViT weights on every TP rank (images "
+                        f"divided over the TP ranks), 'auto' (default) 'tp' when TP < 4 and TP "
+                        f"divides the ViT's heads and MLP width, else 'dp_in_tp'")
+    _add_split_flags(p)
+
+
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-first-pipeline-num-layers", type=_positive_int, default=None,
                    metavar="N",
@@ -127,10 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---- hf-to-megatron
-    s = sub.add_parser(
-        "hf-to-megatron", formatter_class=raw,
-        help="Hugging Face directory -> megatron_cppo checkpoint",
-        description=_fill(
+    s = _subcommand(
+        sub, "hf-to-megatron", "Hugging Face directory -> megatron_cppo checkpoint",
+        description=(
             "Convert a Hugging Face Qwen2.5-VL directory (either key layout: "
             "model.language_model.* / model.visual.* or the older model.* / visual.*; tied or "
             "untied embeddings) into a megatron_cppo checkpoint for a TP x PP layout. Vocabulary "
@@ -141,30 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="DIR",
                    help="checkpoint directory to create (written to a temporary sibling and "
                         "renamed when complete)")
-    s.add_argument("--tp", type=_positive_int, default=1, metavar="N",
-                   help="tensor-model-parallel size the checkpoint is laid out for (default 1; "
-                        "must divide the attention heads, query groups and MLP width)")
-    s.add_argument("--pp", type=_positive_int, default=1, metavar="M",
-                   help="pipeline-model-parallel size (default 1). Where it does not divide the "
-                        "language model's layers and no split is given, an uneven split is "
-                        "chosen (fewest layers on the first stage) and printed")
-    s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
-                   help="vision tower layout: 'tp' shards it with the language model's TP, "
-                        "'replicated' keeps whole ViT weights on every TP rank (images split "
-                        "across the TP group). Default: 'tp' when TP < 4 and TP divides the ViT's "
-                        "heads and MLP width, else 'replicated'")
-    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="dtype of the stored weights (default: the HF config's torch_dtype, "
-                        "bf16 if it names none)")
-    _add_split_flags(s)
+    _add_layout_flags(s, target=False)
+    # the names are checked by the conversion against megatron_cppo.dtypes (the one table)
+    s.add_argument("--dtype", default=None, metavar="DTYPE",
+                   help="dtype of the stored weights: bf16, fp16 or fp32 (default: the HF "
+                        "config's torch_dtype, bf16 if it names none)")
     _add_non_finite_flag(s)
     _add_output_flags(s)
 
     # ---- megatron-to-hf
-    s = sub.add_parser(
-        "megatron-to-hf", formatter_class=raw,
-        help="megatron_cppo checkpoint -> Hugging Face directory",
-        description=_fill(
+    s = _subcommand(
+        sub, "megatron-to-hf", "megatron_cppo checkpoint -> Hugging Face directory",
+        description=(
             "Export a megatron_cppo checkpoint (any layout) as a Hugging Face directory: "
             "safetensors shards with model.safetensors.index.json (tensor names in the key "
             "layout of the source HF directory recorded in the checkpoint, see --hf-layout; no "
@@ -189,10 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(s)
 
     # ---- reshard
-    s = sub.add_parser(
-        "reshard", formatter_class=raw,
-        help="megatron_cppo checkpoint -> the same at another TP x PP layout",
-        description=_fill(
+    s = _subcommand(
+        sub, "reshard", "megatron_cppo checkpoint -> the same at another TP x PP layout",
+        description=(
             "Rewrite a megatron_cppo checkpoint for another TP x PP layout (the layout is "
             "validated against the model, the vocabulary padding adjusted). megatron-core loads "
             "a distributed checkpoint at another layout directly unless the padded vocabulary "
@@ -201,22 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source megatron_cppo checkpoint directory")
     s.add_argument("--out", required=True, metavar="DIR",
                    help="checkpoint directory to create (temporary sibling + rename)")
-    s.add_argument("--tp", type=_positive_int, required=True, metavar="N",
-                   help="target tensor-model-parallel size")
-    s.add_argument("--pp", type=_positive_int, required=True, metavar="M",
-                   help="target pipeline-model-parallel size")
-    s.add_argument("--vision-parallel", choices=("tp", "replicated"), default=None,
-                   help="target vision tower layout (default: chosen for the target TP as in "
-                        "hf-to-megatron)")
-    _add_split_flags(s)
+    _add_layout_flags(s, target=True)
     _add_non_finite_flag(s)
     _add_output_flags(s)
 
     # ---- check
-    s = sub.add_parser(
-        "check", formatter_class=raw,
-        help="verify a checkpoint's metadata and stored bytes without building a model",
-        description=_fill(
+    s = _subcommand(
+        sub, "check", "verify a checkpoint's metadata and stored bytes without building a model",
+        description=(
             "Check a megatron_cppo checkpoint: its metadata against the model it describes "
             "(layout, vocabulary padding, stored shapes and dtypes) and the checksum of every "
             "stored chunk and file (model/ and extra state such as the optimizer). Names the "
@@ -226,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron_cppo checkpoint directory (megatron_cppo.json + model/)")
 
     # ---- verify
-    s = sub.add_parser(
-        "verify", formatter_class=raw,
-        help="run transformers and the megatron checkpoint on a probe batch, compare logits",
-        description=_fill(
+    s = _subcommand(
+        sub, "verify",
+        "run transformers and the megatron checkpoint on a probe batch, compare logits",
+        description=(
             "Run transformers' Qwen2_5_VLForConditionalGeneration (fp32) on --hf-dir and the "
             "megatron model loaded from --megatron-dir on the same probe batch; print the max "
             "abs logit difference and the mean per-token KL(HF || megatron) over valid tokens. "
@@ -264,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true",
                              help="on an error, print its traceback as well (also "
                                   "MEGATRON_CPPO_DEBUG=1)")
+        # whole flag names only (as Megatron-LM's parser): a removed flag that is a prefix of
+        # a current one (--vision-parallel) is refused, not taken for it
+        command.allow_abbrev = False
     return p
 
 
@@ -275,41 +288,41 @@ def _report(what: str, report, out: str) -> None:
 
 
 def _split(args: argparse.Namespace) -> dict:
-    return dict(num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-                num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers)
+    return dict(decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+                decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers)
 
 
 def _run(args: argparse.Namespace) -> int:
     # imported here: `--help` and argument errors stay fast (no megatron / transformers import)
-    from megatron_cppo.convert import checkpoint
+    from megatron_cppo.convert import conversions
     from megatron_cppo.platform import quiet_library_warnings
 
     quiet_library_warnings()
 
     progress = not getattr(args, "no_progress", False)
     if args.command == "hf-to-megatron":
-        report = checkpoint.hf_to_megatron(
+        report = conversions.hf_to_megatron(
             args.hf_dir, args.out, tp=args.tp, pp=args.pp,
-            vision_parallel=args.vision_parallel or "auto", dtype=args.dtype,
+            vision_parallel_mode=args.vision_parallel_mode, dtype=args.dtype,
             overwrite=args.overwrite, progress=progress, **_split(args),
             allow_non_finite=args.allow_non_finite)
         _report("hf-to-megatron", report, args.out)
     elif args.command == "megatron-to-hf":
-        report = checkpoint.megatron_to_hf(args.megatron_dir, args.out,
-                                           overwrite=args.overwrite, progress=progress,
-                                           max_shard_bytes=args.max_shard_size,
-                                           hf_layout=None if args.hf_layout == "source"
-                                           else args.hf_layout,
-                                           allow_non_finite=args.allow_non_finite)
+        report = conversions.megatron_to_hf(args.megatron_dir, args.out,
+                                            overwrite=args.overwrite, progress=progress,
+                                            max_shard_bytes=args.max_shard_size,
+                                            hf_layout=None if args.hf_layout == "source"
+                                            else args.hf_layout,
+                                            allow_non_finite=args.allow_non_finite)
         _report("megatron-to-hf", report, args.out)
     elif args.command == "reshard":
-        report = checkpoint.reshard(args.megatron_dir, args.out, tp=args.tp, pp=args.pp,
-                                    vision_parallel=args.vision_parallel,
-                                    overwrite=args.overwrite, progress=progress,
-                                    **_split(args), allow_non_finite=args.allow_non_finite)
+        report = conversions.reshard(args.megatron_dir, args.out, tp=args.tp, pp=args.pp,
+                                     vision_parallel_mode=args.vision_parallel_mode,
+                                     overwrite=args.overwrite, progress=progress,
+                                     **_split(args), allow_non_finite=args.allow_non_finite)
         _report("reshard", report, args.out)
     elif args.command == "check":
-        r = checkpoint.check_checkpoint(args.megatron_dir)
+        r = conversions.check_checkpoint(args.megatron_dir)
         what = (f"{r.checked} stored chunks and files match their checksums" if r.checked
                 else f"no checksums; {r.tensors} tensors read back")
         print(f"check: {r.directory}: ok (tp={r.meta.tp} pp={r.meta.pp} dtype={r.meta.dtype}; "
@@ -369,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _signals_unwind():
             return _run(args)
     except BaseException as e:  # noqa: BLE001 - every way out becomes one line (module docstring)
-        from megatron_cppo.convert.checkpoint import original_exception
+        from megatron_cppo.convert.streaming import original_exception
 
         inner = original_exception(e) if not isinstance(e, (Interrupted, SystemExit)) else e
         if isinstance(inner, SystemExit):

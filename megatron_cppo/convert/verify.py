@@ -350,7 +350,7 @@ def _megatron_logits(state, chunks, batch: dict, vocab_size: int) -> Optional[to
     rank), None elsewhere."""
     import torch.distributed as dist
 
-    from megatron_cppo.training.forward_step import run_pipeline
+    from megatron_cppo.models.qwen2_5_vl.forward_step import run_pipeline
 
     dev = state.device
     mb = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -394,10 +394,9 @@ def _rank_main(megatron_dir: str, batch: dict, collective_timeout_min: int, pare
     meta = read_meta(megatron_dir)
     state = initialize_parallel(ParallelConfig(
         tensor_model_parallel_size=meta.tp, pipeline_model_parallel_size=meta.pp,
-        distributed_timeout_minutes=collective_timeout_min))
-    mode = {"replicated": "dp_in_tp"}.get(meta.vision_parallel, meta.vision_parallel)
+        distributed_timeout_minutes=collective_timeout_min, **meta.pipeline_split))
     chunks = build_qwen2_5_vl(meta.hf_config, state, Qwen25VLModelConfig(
-        vision_parallel_mode=mode, dtype="fp32", **meta.pipeline_split))
+        vision_parallel_mode=meta.vision_parallel_mode))
     load_megatron_checkpoint(chunks, megatron_dir, state)
     for c in chunks:
         c.eval()
@@ -542,7 +541,8 @@ def verify(hf_dir, megatron_dir, *, inputs: Optional[str] = None,
 
     Raises ValueError subclasses for bad input (not a checkpoint, not a Qwen2.5-VL directory,
     another model, unreadable --inputs); returns the result whether or not it passed."""
-    from megatron_cppo.convert.checkpoint import HFSource, open_checkpoint, read_hf_config
+    from megatron_cppo.convert.hf_source import HFSource, read_hf_config
+    from megatron_cppo.convert.streaming import open_checkpoint
     from megatron_cppo.models.qwen2_5_vl import (MRopeIndexConfig, Qwen25VLDims,
                                                  mrope_position_ids_batch)
 

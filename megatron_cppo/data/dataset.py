@@ -1,4 +1,5 @@
-"""Prompt dataset: rows from parquet / JSONL -> processed CPPO samples with three image views.
+"""Prompt dataset: rows from parquet / JSONL -> processed prompts (``PromptItem``) with three image
+views.
 
 Row schema (verl's parquet schema, used by the ViRL39K and Geometry3K preprocessors; JSONL rows use
 the same keys):
@@ -27,109 +28,81 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from megatron_cppo.data.images import ImageError, decode_image, resize_for_qwen
 from megatron_cppo.data.perturb import PerturbationConfig, Perturber, perturbation_seed
 from megatron_cppo.data.schema import (INSTRUCTION, SKIP_REASONS, SkipRow, messages, row_answer,
                                        row_images, row_question)
-from megatron_cppo.data.tokenizer import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from megatron_cppo.data.tokenizer import pixel_bounds
+from megatron_cppo.data.types import PromptItem
+from megatron_cppo.options import bad, check_int, option
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where the prompts come from and how they are turned into samples."""
-    files: list[str]                 # .parquet and/or .jsonl files, read in the given order
-    max_prompt_length: int = 512     # tokens after image-token expansion (reference: 512)
-    min_pixels: int = DEFAULT_MIN_PIXELS  # resize bounds (multiples of 28 inside them)
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Where the prompts come from and how rows become prompts. The option fields are trainer
+    flags; the others are set by code. Which files a dataset reads, its seed and whether it
+    shuffles and perturbs are the arguments of ``PromptDataset`` (the trainer opens three: the
+    training, validation and warm-start sets); the image size bounds are the processor's."""
+
+    data_path: Optional[str] = option(None, "training prompts (parquet or JSONL; default: the "
+                                            "built-in generated dataset)")
+    val_data_path: Optional[str] = option(None, "validation prompts")
+    sft_data_path: Optional[str] = option(None, "warm-start rows (prompt + response; the "
+                                                "built-in dataset's sft.parquet)")
+    max_prompt_length: int = option(512, "prompt tokens after image-token expansion; longer "
+                                         "prompts are skipped and counted")
     max_image_pixels: int = 1 << 26  # source images larger than this are skipped, never decoded
     max_images_per_prompt: int = 1  # reference (ViRL39K): keep items with at most one image
-    seed: int = 0                    # shuffle and perturbation seed (the run seed)
-    shuffle: bool = True
-    perturb: bool = True             # build the I+ / I- views
     jsonl_chunk_rows: int = 1024     # JSONL lines per read unit (parquet: the file's row groups)
     perturbation: PerturbationConfig = field(default_factory=PerturbationConfig)
 
     def __post_init__(self):
-        if isinstance(self.files, (str, Path)):
-            self.files = [str(self.files)]
-        if not self.files:
-            raise ValueError("files must name at least one .parquet or .jsonl file")
-        for f in self.files:
-            if not str(f).endswith((".parquet", ".jsonl")):
-                raise ValueError(f"files: {f} is neither .parquet nor .jsonl")
-            if not Path(f).is_file():
-                raise ValueError(f"files: {f} does not exist")
-        if self.max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
-        if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, "
-                             f"{self.max_pixels}")
-        if self.max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
-        if self.max_images_per_prompt < 1:
-            raise ValueError(f"max_images_per_prompt must be >= 1, got "
-                             f"{self.max_images_per_prompt}")
-        if self.jsonl_chunk_rows < 1:
-            raise ValueError(f"jsonl_chunk_rows must be >= 1, got {self.jsonl_chunk_rows}")
+        for name in ("data_path", "val_data_path", "sft_data_path"):
+            path = getattr(self, name)
+            if path is not None and not os.path.exists(path):
+                raise bad(name, f"{path} does not exist")
+        check_int(self, "max_prompt_length", 1)
+        for name in ("max_image_pixels", "max_images_per_prompt", "jsonl_chunk_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-@dataclass
-class Sample:
-    """One prompt, processed. Shapes: T prompt tokens, N images, P patches (sum of t*h*w).
-
-    The I+ / I- views share ``input_ids``, ``position_ids`` and ``image_grid_thw`` with the clean
-    view (asserted); only the pixels differ. The n rollouts of the prompt share these views."""
-    index: int                       # global row index in the concatenated files (stable)
-    epoch: int
-    data_source: str
-    prompt: str                      # chat-templated text, one <|image_pad|> per image (vLLM input)
-    input_ids: torch.Tensor          # [T] int64, image tokens expanded
-    position_ids: torch.Tensor       # [3, T] int64 M-RoPE ids
-    rope_delta: int                  # max position + 1 - T (generation offset)
-    image_grid_thw: torch.Tensor     # [N, 3] int64
-    pixel_values: torch.Tensor       # [P, 1176] float32, clean
-    pixel_values_plus: Optional[torch.Tensor]   # [P, 1176] I+ (None when perturb=False)
-    pixel_values_minus: Optional[torch.Tensor]  # [P, 1176] I-
-    images: list[Image.Image]        # resized clean RGB images (what the processor saw)
-    images_plus: list[Image.Image]
-    images_minus: list[Image.Image]
-    perturbation_kinds: list[tuple[str, str]]  # per image: (I+ kind, I- kind)
-    ground_truth: str
-    response: Optional[str] = None   # warm-start target, if the row has one
-    extra_info: dict = field(default_factory=dict)
-
-    def position_ids_with_response(self, num_response_tokens: int) -> torch.Tensor:
-        """[3, T + R] M-RoPE ids of the prompt followed by R response (text) tokens.
-
-        Text after the prompt continues at ``T + rope_delta`` in all three rows; this equals
-        ``mrope_position_ids`` of the concatenated ids (tested)."""
-        T = self.input_ids.numel()
-        tail_3R = (T + self.rope_delta + torch.arange(num_response_tokens)).expand(3, -1)
-        return torch.cat([self.position_ids, tail_3R], dim=1)
+def _check_files(files) -> list[str]:
+    files = [str(files)] if isinstance(files, (str, Path)) else [str(f) for f in files]
+    if not files:
+        raise ValueError("a dataset needs at least one .parquet or .jsonl file")
+    for f in files:
+        if not f.endswith((".parquet", ".jsonl")):
+            raise ValueError(f"{f}: neither .parquet nor .jsonl")
+        if not Path(f).is_file():
+            raise ValueError(f"{f}: does not exist")
+    return files
 
 
-def warm_start_tokens(sample: Sample, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids [T + R], position ids [3, T + R], loss mask [T + R] bool) of a warm-start sample:
-    the prompt, then ``sample.response`` and ``<|im_end|>``; the loss covers the response only."""
-    if sample.response is None:
-        raise ValueError(f"row {sample.index} has no response (warm-start rows come from "
+def warm_start_tokens(item: PromptItem, tokenizer) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """(ids [T + R], position ids [3, T + R], loss mask [T + R] bool) of a warm-start item:
+    the prompt, then ``item.response`` and ``<|im_end|>``; the loss covers the response only."""
+    if item.response is None:
+        raise ValueError(f"row {item.index} has no response (warm-start rows come from "
                          f"sft.parquet of the built-in dataset)")
-    resp = tokenizer.encode(sample.response, add_special_tokens=False)
+    resp = tokenizer.encode(item.response, add_special_tokens=False)
     resp.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    ids_T = torch.cat([sample.input_ids, torch.tensor(resp, dtype=sample.input_ids.dtype)])
+    ids_T = torch.cat([item.prompt_ids, torch.tensor(resp, dtype=item.prompt_ids.dtype)])
     mask_T = torch.zeros(ids_T.numel(), dtype=torch.bool)
-    mask_T[sample.input_ids.numel():] = True
-    return ids_T, sample.position_ids_with_response(len(resp)), mask_T
+    mask_T[item.prompt_ids.numel():] = True
+    return ids_T, item.position_ids_with_response(len(resp)), mask_T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,28 +232,29 @@ class RowReader:
 
 
 class PromptDataset:
-    """Iterates processed ``Sample``s over epochs (an endless stream; ``epoch`` tells where it is).
+    """Iterates processed ``PromptItem``s of ``files`` over epochs (an endless stream; ``epoch``
+    tells where it is).
 
-    Deterministic given the config: data-parallel ranks that build it with the same seed see the
-    same stream (e.g. each takes ``next_batch(global_prompts)[rank::world]``, or one rank builds the
-    batch and sends it).
+    Deterministic given (files, config, seed): data-parallel ranks that build it with the same
+    seed see the same stream (e.g. each takes ``next_batch(global_prompts)[rank::world]``, or one
+    rank builds the batch and sends it). ``seed`` drives the shuffle (``shuffle``) and the I+ / I-
+    draws (``perturb``: build the perturbed views).
 
-    ``processor`` is a ``Qwen2_5_VLProcessor`` (see ``build_qwen2_5_vl_processor``); its image
-    processor's min/max pixels must equal the config's, so its own resize is a no-op."""
+    ``processor`` is a ``Qwen2_5_VLProcessor`` (see ``build_qwen2_5_vl_processor``): images are
+    resized to its min/max pixels here (multiples of 28 inside them), so its own resize is a
+    no-op."""
 
-    def __init__(self, cfg: DataConfig, processor):
-        self.cfg = cfg
+    def __init__(self, files: Union[str, Sequence[str]], processor,
+                 config: Optional[DataConfig] = None, *, seed: int = 0, shuffle: bool = True,
+                 perturb: bool = True):
+        self.cfg = cfg = config if config is not None else DataConfig()
+        self.seed, self.shuffle, self.perturb = seed, shuffle, perturb
         self.processor = processor
-        self.reader = RowReader(cfg.files, seed=cfg.seed, shuffle=cfg.shuffle,
+        self.min_pixels, self.max_pixels = pixel_bounds(processor)
+        self.reader = RowReader(_check_files(files), seed=seed, shuffle=shuffle,
                                 jsonl_chunk_rows=cfg.jsonl_chunk_rows)
         self.num_rows = self.reader.num_rows
         self.base_dirs = [Path(f).resolve().parent for f in self.reader.files]
-        size = processor.image_processor.size
-        got = (getattr(size, "shortest_edge", None) or size.get("shortest_edge"),
-               getattr(size, "longest_edge", None) or size.get("longest_edge"))
-        if got != (cfg.min_pixels, cfg.max_pixels):
-            raise ValueError(f"the processor's (min_pixels, max_pixels) are {got}, the data "
-                             f"config's ({cfg.min_pixels}, {cfg.max_pixels}); they must agree")
         # Imported here: the model package's __init__ loads megatron-core, which the rest of
         # megatron_cppo.data (generator, tokenizer) does not need.
         from megatron_cppo.models.qwen2_5_vl.rope_index import MRopeIndexConfig, mrope_position_ids
@@ -316,11 +290,11 @@ class PromptDataset:
         return dict(self._skip_examples)
 
     # -- iteration ------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[PromptItem]:
         while True:
             yield self.next_sample()
 
-    def next_sample(self) -> Sample:
+    def next_sample(self) -> PromptItem:
         """The next usable sample; rows that cannot be used are counted and passed over."""
         tried = 0
         while True:
@@ -340,13 +314,13 @@ class PromptDataset:
                 self._skip_examples.setdefault(
                     e.reason, f"{self.reader.files[file]} row {index}: {e}")
 
-    def next_batch(self, num_prompts: int) -> list[Sample]:
+    def next_batch(self, num_prompts: int) -> list[PromptItem]:
         return [self.next_sample() for _ in range(num_prompts)]
 
     # -- one row --------------------------------------------------------------------------------
     def process_row(self, row: dict, *, index: int, epoch: int,
-                    base_dir: Optional[Path] = None) -> Sample:
-        """Row -> Sample, or SkipRow(reason)."""
+                    base_dir: Optional[Path] = None) -> PromptItem:
+        """Row -> PromptItem, or SkipRow(reason)."""
         cfg = self.cfg
         question, verbatim = row_question(row)
         answer = row_answer(row)
@@ -365,8 +339,8 @@ class PromptDataset:
         for e in entries:
             try:
                 img = decode_image(e, base_dir=base_dir, max_image_pixels=cfg.max_image_pixels)
-                images.append(resize_for_qwen(img, min_pixels=cfg.min_pixels,
-                                              max_pixels=cfg.max_pixels))
+                images.append(resize_for_qwen(img, min_pixels=self.min_pixels,
+                                              max_pixels=self.max_pixels))
             except ImageError as err:
                 raise SkipRow(err.reason, str(err)) from err
 
@@ -380,9 +354,9 @@ class PromptDataset:
         position_ids, delta = self._mrope_position_ids(input_ids, self.rope_cfg, image_grid_N3=grid)
 
         plus_imgs, minus_imgs, kinds, pv_plus, pv_minus = [], [], [], None, None
-        if cfg.perturb:
+        if self.perturb:
             plus_imgs, minus_imgs, kinds = self.perturber(
-                images, seed=perturbation_seed(cfg.seed, index, epoch))
+                images, seed=perturbation_seed(self.seed, index, epoch))
             # One image-processor call for both perturbed views (patches of I+ then I-).
             out = self.processor.image_processor(images=plus_imgs + minus_imgs,
                                                  return_tensors="pt")
@@ -392,11 +366,12 @@ class PromptDataset:
             num_patches = clean["pixel_values"].shape[0]
             pv_plus, pv_minus = out["pixel_values"].split(num_patches)
         extra = row.get("extra_info")
-        return Sample(index=index, epoch=epoch, data_source=str(row.get("data_source") or ""),
-                      prompt=prompt, input_ids=input_ids, position_ids=position_ids,
-                      rope_delta=delta, image_grid_thw=grid, pixel_values=clean["pixel_values"],
-                      pixel_values_plus=pv_plus, pixel_values_minus=pv_minus, images=images,
-                      images_plus=plus_imgs, images_minus=minus_imgs, perturbation_kinds=kinds,
-                      ground_truth=answer,
-                      response=row.get("response") if isinstance(row.get("response"), str) else None,
-                      extra_info=extra if isinstance(extra, dict) else {})
+        response = row.get("response")
+        return PromptItem(
+            index=index, epoch=epoch, data_source=str(row.get("data_source") or ""),
+            prompt=prompt, prompt_ids=input_ids, prompt_position_ids=position_ids,
+            rope_delta=delta, image_grid_thw=grid, pixel_values=clean["pixel_values"],
+            plus_pixel_values=pv_plus, minus_pixel_values=pv_minus, images=images,
+            plus_images=plus_imgs, minus_images=minus_imgs, perturbation_kinds=kinds,
+            ground_truth=answer, response=response if isinstance(response, str) else None,
+            extra_info=extra if isinstance(extra, dict) else {})

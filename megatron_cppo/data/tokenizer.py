@@ -166,3 +166,19 @@ def build_qwen2_5_vl_processor(out_dir: Optional[str | os.PathLike] = None, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return processor
+
+
+def pixel_bounds(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of a Qwen2.5-VL processor's image processor (its
+    ``size.shortest_edge`` / ``size.longest_edge``, a dict or an object by transformers version)."""
+    size = processor.image_processor.size
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    return int(get("shortest_edge")), int(get("longest_edge"))
+
+
+def load_processor(hf_dir: str | os.PathLike):
+    """The Qwen2.5-VL processor of a model directory (its tokenizer, chat template and image-size
+    bounds: what the data reader and the vLLM engine both use, so their prompt ids agree)."""
+    from transformers import AutoProcessor  # heavy: only where a processor is loaded
+
+    return AutoProcessor.from_pretrained(os.fspath(hf_dir))

@@ -18,37 +18,52 @@ import torch
 import torch.distributed as dist
 
 from megatron_cppo import platform
+from megatron_cppo.options import bad, check_int, option
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    """Model-parallel layout. Data parallel size is what is left of the world size."""
+    """Model-parallel layout (Megatron-LM's flag names). Data parallel size is what is left of the
+    world size. The option fields are trainer and converter flags; the others are set by code."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (Megatron TP)")
+    pipeline_model_parallel_size: int = option(1, "pipeline stages (Megatron PP)")
+    # Uneven pipeline split: the first stage also runs the ViT, so it may hold fewer LM layers.
+    # Both None and PP not dividing the layers: the model chooses a split and says which
+    # (models/qwen2_5_vl/config.validate_layout).
+    decoder_first_pipeline_num_layers: Optional[int] = option(
+        None, "language-model layers on the first stage (which also runs the ViT)")
+    decoder_last_pipeline_num_layers: Optional[int] = option(
+        None, "language-model layers on the last stage")
+    # Pipeline p2p: megatron batches the sends/receives of one step into one call by default.
+    batch_p2p_comm: bool = option(True, "batch the pipeline send/receive calls of one step")
+    distributed_timeout_minutes: int = option(30, "collective timeout")
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
-    # Pipeline p2p: megatron batches the sends/receives of one step into one call by default.
-    batch_p2p_comm: bool = True
     overlap_p2p_comm: bool = False
-    distributed_timeout_minutes: int = 30
-    seed: int = 1234
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size", "distributed_timeout_minutes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                     "distributed_timeout_minutes"):
+            check_int(self, name, 1)
+        for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+            check_int(self, name, 1, optional=True)
+            if getattr(self, name) is not None and self.pipeline_model_parallel_size == 1:
+                raise bad(name, "needs --pipeline-model-parallel-size > 1")
+        # the settings below are not flags: their errors name the field
         vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None:
-            if not isinstance(vpp, int) or vpp < 1:
+            if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
                 raise ValueError(f"virtual_pipeline_model_parallel_size must be a positive integer "
                                  f"or None, got {vpp!r}")
             if self.pipeline_model_parallel_size == 1:
                 raise ValueError("virtual_pipeline_model_parallel_size needs "
                                  "pipeline_model_parallel_size > 1")
+            if self.decoder_first_pipeline_num_layers is not None \
+                    or self.decoder_last_pipeline_num_layers is not None:
+                raise ValueError("an uneven pipeline split (decoder_first/last_pipeline_num_layers) "
+                                 "is not supported with virtual pipeline parallelism")
             if self.pipeline_model_parallel_size == 2 and self.batch_p2p_comm \
                     and not self.overlap_p2p_comm:
                 # At PP=2 the previous and next stage are the same peer: one batched p2p call then
@@ -65,6 +80,12 @@ class ParallelConfig:
                              "split from their sequence before the vision features are spliced in")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+
+    @property
+    def pipeline_split(self) -> dict:
+        """The split as keyword arguments of this config (for ``dataclasses.replace``)."""
+        return dict(decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
+                    decoder_last_pipeline_num_layers=self.decoder_last_pipeline_num_layers)
 
     @property
     def model_parallel_size(self) -> int:
@@ -135,9 +156,10 @@ def _init_process_group(timeout_minutes: int) -> None:
                             timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def initialize_parallel(config: ParallelConfig) -> ParallelState:
+def initialize_parallel(config: ParallelConfig, *, seed: int = 1234) -> ParallelState:
     """Initialise torch.distributed (from the torchrun env:// variables) and megatron-core model
-    parallelism for ``config``; seed megatron's RNG tracker. Returns the explicit groups."""
+    parallelism for ``config``; seed megatron's RNG tracker with ``seed`` (the run's). Returns the
+    explicit groups."""
     platform.activate()  # no-op with CUDA
     _init_process_group(config.distributed_timeout_minutes)
     world = dist.get_world_size()
@@ -157,7 +179,7 @@ def initialize_parallel(config: ParallelConfig) -> ParallelState:
         virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
         distributed_timeout_minutes=config.distributed_timeout_minutes,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
     return ParallelState(

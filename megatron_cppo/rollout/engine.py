@@ -147,7 +147,7 @@ def tensor_digest(t: torch.Tensor) -> str:
 def expected_hf_tensors(model_path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """HF name (>= 4.52 layout) -> (shape, dtype) of every tensor of the checkpoint the engine was
     built from: the set a refit must deliver."""
-    from megatron_cppo.convert.safetensors_io import SafetensorsDir
+    from megatron_cppo.checkpoint.safetensors_io import SafetensorsDir
     from megatron_cppo.models.qwen2_5_vl.mapping import normalize_hf_key
 
     return {normalize_hf_key(name): (info.shape, info.dtype)
@@ -157,6 +157,37 @@ def expected_hf_tensors(model_path: str) -> dict[str, tuple[tuple[int, ...], tor
 def _worker_model(worker):
     """collective_rpc target: the nn.Module the in-process worker runs."""
     return getattr(worker, "worker", worker).model_runner.model
+
+
+def vllm_engine_args(config: RolloutConfig, *, cuda: bool) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for ``config`` (on a CUDA machine or not)."""
+    if config.model_path is None:
+        raise ValueError("RolloutConfig.model_path: the engine needs the model's HF directory")
+    kwargs = dict(model=config.model_path, tokenizer=config.model_path, dtype=config.dtype,
+                  max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+                  enforce_eager=config.enforce_eager, seed=config.seed,
+                  limit_mm_per_prompt={"image": config.max_images_per_prompt, "video": 0},
+                  logprobs_mode="processed_logprobs")
+    if cuda:
+        kwargs["gpu_memory_utilization"] = config.rollout_gpu_memory_utilization
+    else:
+        # vLLM 0.32 rewinds a seeded request's generator when it discards the token sampled
+        # after a partial (chunked) prefill, with Generator.set_offset, which CPU generators
+        # do not support ("CPU Generator does not use offset"): seeded batches whose prompts
+        # exceed the token budget of one step crashed. Whole prefills only on CPU.
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs
+
+
+def sampling_params(s: SamplingConfig, num_prompts: int) -> list:
+    """vLLM's ``SamplingParams`` of ``s`` for each of ``num_prompts`` prompts (prompt i: seed +
+    i), with the sampled tokens' log-probs."""
+    from vllm import SamplingParams  # heavy: only where an engine runs
+
+    return [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                           max_tokens=s.max_new_tokens, logprobs=0,
+                           seed=None if s.seed is None else s.seed + i)
+            for i in range(num_prompts)]
 
 
 class VLLMEngine:
@@ -175,20 +206,7 @@ class VLLMEngine:
         from vllm import LLM
 
         t0 = time.perf_counter()
-        kwargs = dict(model=config.model_path, tokenizer=config.model_path, dtype=config.dtype,
-                      max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                      enforce_eager=config.enforce_eager, seed=config.seed,
-                      limit_mm_per_prompt={"image": config.max_images_per_prompt, "video": 0},
-                      logprobs_mode="processed_logprobs")
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        else:
-            # vLLM 0.32 rewinds a seeded request's generator when it discards the token sampled
-            # after a partial (chunked) prefill, with Generator.set_offset, which CPU generators
-            # do not support ("CPU Generator does not use offset"): seeded batches whose prompts
-            # exceed the token budget of one step crashed. Whole prefills only on CPU.
-            kwargs["enable_chunked_prefill"] = False
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**vllm_engine_args(config, cuda=torch.cuda.is_available()))
         runner = getattr(self.llm.llm_engine.model_config, "runner_type", "generate")
         if runner != "generate":
             raise ValueError(f"{config.model_path}: vLLM serves this model as a {runner!r} model, "
@@ -249,14 +267,8 @@ class VLLMEngine:
         """n samples per item (``sampling`` default: the config's), grouped per prompt in input
         order. With ``sampling.seed`` set, item i uses seed + i: the same call gives the same
         samples."""
-        from vllm import SamplingParams
-
         self._check_usable()
-        s = sampling or self.config.sampling
-        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                 max_tokens=s.max_new_tokens, logprobs=0,
-                                 seed=None if s.seed is None else s.seed + i)
-                  for i in range(len(items))]
+        params = sampling_params(sampling or self.config.sampling(), len(items))
         outputs = self.llm.generate([self._inputs(it) for it in items], params, use_tqdm=False)
         groups = []
         for i, (item, out) in enumerate(zip(items, outputs)):

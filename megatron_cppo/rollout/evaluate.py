@@ -164,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                               top_k=args.top_k, max_new_tokens=args.max_new_tokens,
                               seed=args.seed)
     engine = build_engine(RolloutConfig(model_path=args.model, dtype=args.dtype,
-                                        max_model_len=args.max_model_len, sampling=sampling))
+                                        max_model_len=args.max_model_len))
     try:
         report = evaluate(engine, records, _load_grader(args.grader), prompts=prompts,
                           sampling=sampling, out_jsonl=args.out, batch_size=args.batch_size)

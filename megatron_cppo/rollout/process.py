@@ -44,11 +44,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from megatron_cppo.dtypes import to_torch, torch_name
 from megatron_cppo.rollout.config import RolloutConfig, SamplingConfig
 from megatron_cppo.rollout.engine import RefitError, RolloutGroup, RolloutItem
-
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
-
 
 @dataclass(frozen=True)
 class RefitTarget:
@@ -56,7 +54,7 @@ class RefitTarget:
 
     address: str
     authkey: bytes
-    dtype: str  # the engine's weight dtype: senders cast to it (halves the bytes for bf16)
+    dtype: str  # the engine's weight dtype ("bfloat16"): senders cast to it (halves bf16 bytes)
 
     def connect(self) -> Connection:
         return Client(self.address, family="AF_UNIX", authkey=self.authkey)
@@ -87,7 +85,7 @@ class EngineProcess:
         self._dir = tempfile.mkdtemp(prefix="mcppo_vllm_")
         address = os.path.join(self._dir, "refit.sock")
         self.target = RefitTarget(address=address, authkey=os.urandom(16),
-                                  dtype=_torch_dtype_name(config.dtype))
+                                  dtype=torch_name(config.dtype))
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(config, child, self.target),
                                  name="megatron_cppo-vllm-engine", daemon=True)
@@ -155,11 +153,6 @@ class EngineProcess:
 
     def __exit__(self, *exc):
         self.shutdown()
-
-
-def _torch_dtype_name(dtype: str) -> str:
-    return str({"bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float32": torch.float32}[dtype])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +240,7 @@ class _RefitSession:
                 raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
                 # a copy: vLLM's layerwise reload keeps the tensors of a layer until the layer
                 # is complete, possibly after the sender has reused the block
-                tensors.append((name, raw.clone().view(_DTYPES[dtype]).reshape(shape)))
+                tensors.append((name, raw.clone().view(to_torch(dtype)).reshape(shape)))
                 del raw
             try:
                 self.engine.load_bucket(tensors)

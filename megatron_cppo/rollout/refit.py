@@ -37,8 +37,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_cppo.dtypes import to_torch
 from megatron_cppo.models.qwen2_5_vl import mapping
 from megatron_cppo.models.qwen2_5_vl.config import Qwen25VLDims
+from megatron_cppo.parallel.agree import agree
 from megatron_cppo.rollout.engine import RefitError, tensor_digest
 from megatron_cppo.rollout.process import RefitTarget
 
@@ -216,12 +218,6 @@ class _Sender:
         self.conn.close()
 
 
-def _agree(status: dict, group) -> list[dict]:
-    out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, status, group=group)
-    return out
-
-
 def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 256 * 2 ** 20,
           verify: bool = False, group=None) -> RefitResult:
     """Collective over ``group`` (default: every rank): push this layout's weights into the engine
@@ -229,7 +225,7 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
     the update (engine unchanged) or failed during it."""
     group = group if group is not None else dist.group.WORLD
     t0 = time.perf_counter()
-    dtype = getattr(torch, target.dtype.replace("torch.", ""))
+    dtype = to_torch(target.dtype)
     # every rank draws the id (refit is collective), so the senders of one update agree on it
     # whichever ranks were senders before (a rank that was a TP peer at another layout)
     update_id = next(_update_ids)
@@ -276,10 +272,8 @@ def refit(stage: StageModel, state, target: RefitTarget, *, bucket_bytes: int = 
             status["error"] = go[0]
         if sender is not None:
             sender.close()
-    statuses = _agree(status, group)
-    errors = [s["error"] for s in statuses if s["error"]]
-    if errors:
-        raise RefitError(errors[0])
+    statuses = agree(status.pop("error"), "refitting the rollout engine", payload=status,
+                     group=group, error_type=RefitError)
     infos = [s["info"] for s in statuses if s["info"]]
     result = RefitResult(version=infos[0]["version"],
                          bytes=sum(s["bytes"] for s in statuses),
@@ -307,7 +301,7 @@ def verify_refit(stage: StageModel, state, target: RefitTarget, *, group=None) -
     digest differs between this trainer and what the engine loaded in its last refit (the engine
     must run with ``verify_refit``); None if all agree."""
     group = group if group is not None else dist.group.WORLD
-    dtype = getattr(torch, target.dtype.replace("torch.", ""))
+    dtype = to_torch(target.dtype)
     first = None
     if state.dp_rank == 0:
         engine_digests = None
@@ -318,7 +312,8 @@ def verify_refit(stage: StageModel, state, target: RefitTarget, *, group=None) -
         for name, t in iter_hf_tensors(stage, state.tp_group, dtype):
             if first is None and engine_digests.get(name) != tensor_digest(t):
                 first = name
-    statuses = _agree({"pp_rank": state.pp_rank, "first": first}, group)
+    statuses = agree(None, "verifying the refit", payload={"pp_rank": state.pp_rank,
+                                                            "first": first}, group=group)
     for s in sorted(statuses, key=lambda s: s["pp_rank"]):
         if s["first"] is not None:
             return s["first"]

@@ -1,7 +1,7 @@
-"""The trainer's ``RolloutSource`` over a vLLM engine process (training/trainer.py interfaces).
+"""The trainer's ``RolloutSource`` over a vLLM engine process (training/plugins.py protocols).
 
     source = VLLMRolloutSource(RolloutConfig(model_path=hf_dir, ...), state)   # collective
-    samples = source.generate(prompts, n=5, temperature=1.0, max_new_tokens=256)
+    samples = source.generate(prompts, config.sampling())                     # list[Sample]
     source.refit(policy.raw_chunks(), state, weight_version)                 # collective
     source.close()
 
@@ -9,7 +9,7 @@ Who talks to the engine: global rank 0 owns it (``EngineProcess``, spawned by ra
 someone else started, reached through its ``RefitTarget``). Rank 0 generates; the other ranks hold
 the same prompt items (every rank's dataset has the same seed), so only the responses travel:
 (prompt index, response ids, sampling log-probs, text, finish reason) per response, broadcast over
-WORLD. Every rank then builds the same ``training.batch.Sample`` list with ``Sample.from_prompt``.
+WORLD. Every rank then builds the same ``Sample`` list (data/types.py) with ``Sample.from_prompt``.
 Refit is rollout/refit.py: collective over WORLD, one sender per pipeline stage (its TP rank 0 of
 data-parallel rank 0).
 
@@ -20,13 +20,17 @@ raises one ValueError naming the prompt.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from megatron_cppo.data.types import PromptItem, Sample
 from megatron_cppo.rollout.config import RolloutConfig, SamplingConfig
 from megatron_cppo.rollout.engine import RolloutItem
+from megatron_cppo.rollout.process import EngineProcess
+from megatron_cppo.rollout.refit import refit_from_chunks
 
 __all__ = ["VLLMRolloutSource"]
 
@@ -47,11 +51,11 @@ class _TargetClient:
 
 class VLLMRolloutSource:
     """See the module docstring. ``engine_target``: use that running engine instead of spawning
-    one (rank 0 only reads it; the caller shuts the engine down)."""
+    one (rank 0 only reads it; the caller shuts the engine down). ``config.seed`` (the run seed)
+    seeds the engine and every generate call's sampling."""
 
-    def __init__(self, config: RolloutConfig, state, *, engine_target=None, seed: int = 0,
-                 group=None):
-        self.config, self.state, self.seed = config, state, seed
+    def __init__(self, config: RolloutConfig, state, *, engine_target=None, group=None):
+        self.config, self.state, self.seed = config, state, config.seed
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank()
         self.src = dist.get_global_rank(self.group, 0)
@@ -65,8 +69,6 @@ class VLLMRolloutSource:
                     self.engine = _TargetClient(engine_target)
                     target = engine_target
                 else:
-                    from megatron_cppo.rollout.process import EngineProcess
-
                     self.engine = EngineProcess(config)
                     target = self.engine.target
                 info = [{"target": target, "valid_vocab": self.engine.valid_vocab}]
@@ -81,14 +83,11 @@ class VLLMRolloutSource:
 
     # ---- generate
 
-    def generate(self, prompts: Sequence[Any], *, n: int, temperature: float,
-                 max_new_tokens: int) -> list:
-        from megatron_cppo.training.batch import Sample
-
-        # a fixed function of (run seed, weight version, call): reruns sample the same responses
-        sampling = SamplingConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                  seed=(self.seed * 1_000_003 + self.version * 10_007
-                                        + self._calls * 101) % (2 ** 31))
+    def generate(self, prompts: Sequence[PromptItem], sampling: SamplingConfig) -> list[Sample]:
+        if sampling.seed is None:
+            # a fixed function of (run seed, weight version, call): reruns sample the same
+            sampling = dataclasses.replace(sampling, seed=(
+                self.seed * 1_000_003 + self.version * 10_007 + self._calls * 101) % (2 ** 31))
         self._calls += 1
         payload: list[Any] = [None]
         if self.rank == self.src:
@@ -101,12 +100,10 @@ class VLLMRolloutSource:
             raise ValueError(f"rollout: {payload[0]['error']}")
         samples = []
         for p, ids, logprobs, text, finish in payload[0]:
-            smp = Sample.from_prompt(
+            samples.append(Sample.from_prompt(
                 prompts[p], torch.tensor(ids, dtype=torch.long), group_id=p,
                 rollout_log_probs=torch.tensor(logprobs, dtype=torch.float32),
-                weight_version=self.version, response_text=text)
-            smp.reward_extra["finish_reason"] = finish
-            samples.append(smp)
+                weight_version=self.version, response_text=text, finish_reason=finish))
         return samples
 
     def _generate_on_owner(self, prompts, sampling) -> list[tuple]:
@@ -118,10 +115,10 @@ class VLLMRolloutSource:
         out = []
         for p, (prompt, group) in enumerate(zip(prompts, groups)):
             for s in group.samples:
-                if s.prompt_token_ids != prompt.input_ids.tolist():
+                if s.prompt_token_ids != prompt.prompt_ids.tolist():
                     raise ValueError(
                         f"prompt {p} (row {prompt.index}): vLLM tokenized it to "
-                        f"{len(s.prompt_token_ids)} ids, the dataset to {prompt.input_ids.numel()}"
+                        f"{len(s.prompt_token_ids)} ids, the dataset to {prompt.prompt_ids.numel()}"
                         " (or to different ids); the model directory's tokenizer, chat template "
                         "and image size must match the data processor's")
                 out.append((p, s.response_token_ids, s.logprobs, s.text, s.finish_reason))
@@ -130,8 +127,6 @@ class VLLMRolloutSource:
     # ---- refit
 
     def refit(self, chunks: Sequence[torch.nn.Module], state, weight_version: int) -> None:
-        from megatron_cppo.rollout.refit import refit_from_chunks
-
         refit_from_chunks(chunks, state, self.target, self.config)
         self.version, self._calls = weight_version, 0
 
@@ -140,11 +135,3 @@ class VLLMRolloutSource:
             self.engine.shutdown()
             self.engine = None
 
-
-def rollout_config_for(model_path: str, *, max_prompt_length: int, max_response_length: int,
-                       bf16: bool, max_num_seqs: int, seed: int,
-                       cache_dir: Optional[str] = None) -> RolloutConfig:
-    """The engine settings a training run implies (fp32 weights unless --bf16)."""
-    return RolloutConfig(model_path=model_path, dtype="bfloat16" if bf16 else "float32",
-                         max_model_len=max_prompt_length + max_response_length,
-                         max_num_seqs=max_num_seqs, seed=seed, cache_dir=cache_dir)

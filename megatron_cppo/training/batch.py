@@ -1,8 +1,8 @@
-"""Rollout samples and the micro-batches the update feeds through the pipeline.
+"""The micro-batches the update feeds through the pipeline, made of ``Sample``s.
 
-A ``Sample`` is one response with its prompt, as a rollout source returns it (token ids, images,
-the I+/I- pixel views of the prompt's image, the sampler's log-probs) plus what the trainer adds
-(reward, advantage, old and reference log-probs).
+A ``Sample`` (megatron_cppo/data/types.py) is one response with its prompt, as a rollout source
+returns it (token ids, images, the I+/I- pixel views of the prompt's image, the sampler's
+log-probs) plus what the trainer adds (reward, advantage, old and reference log-probs).
 
 Micro-batch layout (``collate``). The B clean rows come first; then, for the P rows that need the
 perturbed passes (advantage > 0: ``CPPOLoss.samples_needing_perturbed_passes``), P rows of the I+
@@ -32,91 +32,16 @@ longest response, 3 M-RoPE axes, D patch dim, N images (packed: N tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import torch
 
-__all__ = ["Sample", "collate", "sample_cost", "split_by_budget", "split_by_size"]
+from megatron_cppo.data.types import Sample
+from megatron_cppo.models.qwen2_5_vl.packing import pack_samples
+from megatron_cppo.models.qwen2_5_vl.rope_index import mrope_position_ids
 
-
-@dataclass(kw_only=True)
-class Sample:
-    """One prompt + response. Tensors on the CPU; ids int64."""
-
-    prompt_ids: torch.Tensor                        # [Lp], image tokens expanded
-    response_ids: torch.Tensor                      # [Lr]
-    group_id: int                                   # the prompt the response was sampled for
-    pixel_values: Optional[torch.Tensor] = None     # [P, D] patches of the prompt's images
-    image_grid_thw: Optional[torch.Tensor] = None   # [N, 3]
-    plus_pixel_values: Optional[torch.Tensor] = None   # I+ (information-preserving), same grid
-    minus_pixel_values: Optional[torch.Tensor] = None  # I- (information-removing), same grid
-    position_ids: Optional[torch.Tensor] = None     # [3, Lp + Lr] M-RoPE ids (else computed)
-    rollout_log_probs: Optional[torch.Tensor] = None  # [Lr] the sampler's log-probs
-    weight_version: int = 0                         # policy version that sampled it
-    # filled by the trainer
-    reward: float = 0.0
-    reward_extra: dict = field(default_factory=dict)  # e.g. acc, format
-    advantage: float = 0.0
-    old_log_probs: Optional[torch.Tensor] = None    # [Lr]
-    ref_log_probs: Optional[torch.Tensor] = None    # [Lr]
-    response_text: Optional[str] = None
-
-    def __post_init__(self):
-        for name in ("prompt_ids", "response_ids"):
-            t = getattr(self, name)
-            if t.dim() != 1 or t.dtype.is_floating_point:
-                raise ValueError(f"Sample.{name} must be a 1-D integer tensor, got "
-                                 f"{tuple(t.shape)} {t.dtype}")
-        if self.prompt_ids.numel() == 0:
-            raise ValueError("Sample.prompt_ids is empty")
-        if (self.pixel_values is None) != (self.image_grid_thw is None):
-            raise ValueError("Sample.pixel_values and image_grid_thw go together")
-        for name in ("plus_pixel_values", "minus_pixel_values"):
-            t = getattr(self, name)
-            if t is not None and (self.pixel_values is None or t.shape != self.pixel_values.shape):
-                raise ValueError(f"Sample.{name} must have the clean pixel_values' shape "
-                                 f"(the perturbations keep the image size)")
-        n = self.num_tokens
-        if self.position_ids is not None and tuple(self.position_ids.shape) != (3, n):
-            raise ValueError(f"Sample.position_ids must be [3, {n}], got "
-                             f"{tuple(self.position_ids.shape)}")
-        if self.rollout_log_probs is not None and self.rollout_log_probs.shape \
-                != self.response_ids.shape:
-            raise ValueError("Sample.rollout_log_probs must have one entry per response token")
-
-    @classmethod
-    def from_prompt(cls, prompt: Any, response_ids: torch.Tensor, *, group_id: int,
-                    rollout_log_probs: Optional[torch.Tensor] = None, weight_version: int = 0,
-                    response_text: Optional[str] = None) -> "Sample":
-        """A response to a prompt item of ``megatron_cppo.data`` (``PromptDataset.next_batch``):
-        its ids, pixels and I+/I- views, M-RoPE ids extended over the response, ground truth.
-        What a rollout engine builds for each generated response."""
-        response_ids = torch.as_tensor(response_ids, dtype=torch.long)
-        pixels = prompt.pixel_values
-        has_image = pixels is not None and pixels.numel() > 0
-        return cls(
-            prompt_ids=prompt.input_ids.long(), response_ids=response_ids, group_id=group_id,
-            pixel_values=pixels if has_image else None,
-            image_grid_thw=prompt.image_grid_thw if has_image else None,
-            plus_pixel_values=prompt.pixel_values_plus if has_image else None,
-            minus_pixel_values=prompt.pixel_values_minus if has_image else None,
-            position_ids=prompt.position_ids_with_response(response_ids.numel()),
-            rollout_log_probs=rollout_log_probs, weight_version=weight_version,
-            response_text=response_text,
-            reward_extra={"ground_truth": prompt.ground_truth, "index": prompt.index})
-
-    @property
-    def num_tokens(self) -> int:
-        return self.prompt_ids.numel() + self.response_ids.numel()
-
-    @property
-    def num_patches(self) -> int:
-        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
-
-    @property
-    def has_perturbed_views(self) -> bool:
-        return self.plus_pixel_values is not None and self.minus_pixel_values is not None
+__all__ = ["collate", "equalize_count", "sample_cost", "split_by_budget", "split_by_size",
+           "to_device"]
 
 
 def sample_cost(sample: Sample, needs_views: bool) -> int:
@@ -164,8 +89,6 @@ def equalize_count(groups: list[list[int]], costs: Sequence[int], target: int) -
 def _positions(sample: Sample, rope_cfg) -> torch.Tensor:
     if sample.position_ids is not None:
         return sample.position_ids.long()
-    from megatron_cppo.models.qwen2_5_vl import mrope_position_ids
-
     ids = torch.cat([sample.prompt_ids, sample.response_ids]).long()
     pos_3T, _ = mrope_position_ids(ids, rope_cfg, image_grid_N3=sample.image_grid_thw)
     return pos_3T
@@ -245,8 +168,6 @@ def collate(samples: Sequence[Sample], needs_views_B: torch.Tensor, rope_cfg,
 def _pack_rows(mb: dict, lengths_R: list[int]) -> None:
     """Padded model rows of ``mb`` -> one packed row (``packing.pack_samples``), in place, with
     the logit positions shifted by each row's offset (the module docstring's layout)."""
-    from megatron_cppo.models.qwen2_5_vl import pack_samples
-
     ids_RS, pos_3RS = mb["input_ids"], mb["position_ids"]
     packed = pack_samples([dict(input_ids=ids_RS[r, :n], position_ids=pos_3RS[:, r, :n])
                            for r, n in enumerate(lengths_R)])

@@ -48,8 +48,10 @@ from megatron_cppo.checkpoint import (  # noqa: I001
     swap_into_place,
 )
 from megatron_cppo.checkpoint.torch_file import load_torch_file, save_torch_file
+from megatron_cppo.parallel.agree import agree
 
-__all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "save_checkpoint"]
+__all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "read_trainer_state",
+           "save_checkpoint"]
 
 LATEST = "latest"
 OPTIMIZER_SUBDIR = "optimizer"
@@ -96,16 +98,6 @@ def _optimizer_sharded(optimizer, chunks, is_loading: bool) -> dict:
                                                       metadata=_DIST_OPT_FORMAT)}
 
 
-def _agree(ok: bool, what: str, error: Optional[BaseException]) -> None:
-    """Every rank learns whether every rank succeeded (MIN all-reduce)."""
-    flag = torch.tensor([1 if ok else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if int(flag) == 0:
-        if error is not None:
-            raise error
-        raise RuntimeError(f"another rank failed while {what}")
-
-
 def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_config,
                     source_hf_dir: Optional[str] = None, start: Optional[dict] = None,
                     keep: int = 2) -> Path:
@@ -144,9 +136,9 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
                              "start": start,  # where the start (= reference) weights came from
                              "world_size": state.world_size, "tp": state.tp_size,
                              "pp": state.pp_size}, partial / TRAINER_STATE)
-    except Exception as e:  # every rank must reach the agreement
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
         error = e
-    _agree(error is None, "saving the checkpoint", error)
+    agree(error, "saving the checkpoint")
     final = save_dir / name
     if state.rank == 0:
         swap_into_place(partial, final)  # the same step saved again: old or new, never neither
@@ -205,40 +197,50 @@ def _restore_adam_steps(optimizer, num_steps: int) -> None:
                               if torch.is_tensor(old) else num_steps)
 
 
-def load_checkpoint(load_dir: str, *, policy, state, counters, prompts,
-                    load_optimizer: bool = True) -> dict[str, Any]:
-    """Collective. Loads the model (any layout); with a training checkpoint and
-    ``load_optimizer``, also optimizer, LR schedule, counters, data position and this rank's RNG
-    states. Returns what was restored (for the log)."""
-    path = find_checkpoint(load_dir)
+def read_trainer_state(checkpoint: Path) -> Optional[dict]:
+    """The trainer state of a training checkpoint (counters, LR schedule, data position, where
+    the start weights came from), checksum verified; None for a weights-only checkpoint (a
+    conversion, ``megatron-cppo sft``)."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        return None
+    return load_torch_file(path, "trainer state", checkpoint_dir=checkpoint)
+
+
+def load_checkpoint(start, *, policy, state, counters, prompts) -> dict[str, Any]:
+    """Collective. Loads the model of ``start.checkpoint`` (any layout); with its trainer state
+    (``start.trainer_state``: a training checkpoint, without --no-load-optim) also optimizer, LR
+    schedule, counters, data position and this rank's RNG states. The metadata and trainer state
+    come from ``start`` (read once, training/start.py). Returns what was restored (the log)."""
+    path, meta = start.checkpoint, start.meta
     raw = policy.raw_chunks()
     restored = {"checkpoint": str(path), "model": True}
-    trainer_file = path / TRAINER_STATE
-    if not trainer_file.is_file() or not load_optimizer:  # weights only
-        load_megatron_checkpoint(raw, path, state)
+    trainer = start.trainer_state
+    if trainer is None:  # weights only
+        load_megatron_checkpoint(raw, path, state, meta=meta)
         policy.optimizer.reload_model_params()  # bf16: the fp32 main copies follow the weights
         return restored
-    meta = load_torch_file(trainer_file, "trainer state", checkpoint_dir=path)
     _prepare_optimizer_for_loading(policy.optimizer)
     loaded = load_extra_state(path, OPTIMIZER_SUBDIR,
-                              _optimizer_sharded(policy.optimizer, raw, is_loading=True))
+                              _optimizer_sharded(policy.optimizer, raw, is_loading=True),
+                              meta=meta)
     with torch.no_grad():  # fp32 main params of the distributed optimizer are views of weights
         policy.optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(policy.optimizer, int(meta["counters"]["optimizer_steps"]))
+    _restore_adam_steps(policy.optimizer, int(trainer["counters"]["optimizer_steps"]))
     # the model last: the weights exactly as saved, whatever preparing the optimizer touched
-    load_megatron_checkpoint(raw, path, state)
-    policy.scheduler.load_state_dict(meta["scheduler"])
-    for k, v in meta["counters"].items():
+    load_megatron_checkpoint(raw, path, state, meta=meta)
+    policy.scheduler.load_state_dict(trainer["scheduler"])
+    for k, v in trainer["counters"].items():
         setattr(counters, k, v)
-    if prompts is not None and meta["prompts"] is not None:
-        prompts.load_state_dict(meta["prompts"])
+    if prompts is not None and trainer["prompts"] is not None:
+        prompts.load_state_dict(trainer["prompts"])
     rng_file = path / "rng" / f"rank{state.rank:05d}.pt"
-    same_world = meta["world_size"] == state.world_size
+    same_world = trainer["world_size"] == state.world_size
     if same_world and rng_file.is_file():
         _set_rng_state(load_torch_file(rng_file, "RNG state", checkpoint_dir=path))
-    restored.update(start=meta.get("start"), optimizer=True, scheduler=True, step=counters.step,
+    restored.update(optimizer=True, scheduler=True, step=counters.step,
                     weight_version=counters.weight_version, rng=same_world,
-                    data_position=meta["prompts"] is not None)
+                    data_position=trainer["prompts"] is not None)
     return restored
 
 

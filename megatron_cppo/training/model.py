@@ -19,23 +19,21 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-__all__ = ["Policy", "ReferenceModel", "build_policy", "build_reference", "model_settings",
-           "wrap_ddp"]
+from megatron_cppo.models.qwen2_5_vl import (Qwen25VLModelConfig, build_qwen2_5_vl,
+                                             load_hf_weights, unwrap)
+from megatron_cppo.training.config import OptimizerConfig
 
-
-def model_settings(cfg) -> Any:
-    """``Qwen25VLModelConfig`` from the trainer config's model and parallel sections."""
-    from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig
-
-    return Qwen25VLModelConfig(
-        vision_parallel_mode=cfg.parallel.vision_parallel_mode,
-        num_layers_in_first_pipeline_stage=cfg.parallel.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=cfg.parallel.decoder_last_pipeline_num_layers,
-        dtype="bf16" if cfg.model.bf16 else "fp32",
-        recompute_granularity=cfg.model.recompute_granularity,
-        recompute_method=cfg.model.recompute_method,
-        recompute_num_layers=cfg.model.recompute_num_layers)
+__all__ = ["Policy", "ReferenceModel", "build_policy", "build_reference", "lr_scheduler",
+           "megatron_optimizer_config", "wrap_ddp"]
 
 
 @dataclass
@@ -49,52 +47,50 @@ class Policy:
         return [c.module for c in self.chunks]
 
 
-def build_policy(hf_config, state, settings, optim, *, use_distributed_optimizer: bool = False,
+def build_policy(hf_config, state, model: Qwen25VLModelConfig, optim: OptimizerConfig, *,
                  hf_state_dict: Optional[dict] = None, total_steps: int = 1) -> Policy:
-    """Policy chunks (+ HF start weights if given) in megatron DDP, the Megatron optimizer from
-    the trainer's ``OptimizerConfig`` section ``optim``, and megatron's LR/WD schedule over
+    """Policy chunks (+ HF start weights if given) in megatron DDP, the Megatron optimizer for
+    the run's ``OptimizerConfig`` (training/config.py), and megatron's LR/WD schedule over
     ``total_steps`` optimizer steps."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl, load_hf_weights
-
-    chunks = build_qwen2_5_vl(hf_config, state, settings)
+    chunks = build_qwen2_5_vl(hf_config, state, model)
     if hf_state_dict is not None:
         load_hf_weights(chunks, hf_state_dict, state)
-    ddp = wrap_ddp(chunks, state, use_distributed_optimizer=use_distributed_optimizer)
-    bf16 = settings.dtype == "bf16"
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
-                        weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
-                        adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-                        clip_grad=optim.clip_grad, bf16=bf16,
-                        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                        use_distributed_optimizer=use_distributed_optimizer),
-        ddp, use_gloo_process_groups=False, pg_collection=state.pg_collection)
+    ddp = wrap_ddp(chunks, state, use_distributed_optimizer=optim.use_distributed_optimizer)
+    opt = get_megatron_optimizer(megatron_optimizer_config(optim, bf16=model.bf16), ddp,
+                                 use_gloo_process_groups=False,
+                                 pg_collection=state.pg_collection)
+    return Policy(chunks=ddp, optimizer=opt,
+                  scheduler=lr_scheduler(opt, optim, total_steps=total_steps))
+
+
+def megatron_optimizer_config(optim: OptimizerConfig, *, bf16: bool) -> MegatronOptimizerConfig:
+    """megatron-core's optimizer config for the run's (Adam, clipping, bf16 mixed precision)."""
+    return MegatronOptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=optim.use_distributed_optimizer)
+
+
+def lr_scheduler(optimizer, optim: OptimizerConfig, *, total_steps: int
+                 ) -> OptimizerParamScheduler:
+    """megatron's LR / weight-decay schedule: linear warm-up over ``lr_warmup_iters``, then
+    ``lr_decay_style`` over ``lr_decay_iters`` (default: every optimizer step of the run)."""
     decay_steps = optim.lr_decay_iters or total_steps
-    sched = OptimizerParamScheduler(
-        opt, init_lr=0.0 if optim.lr_warmup_iters else optim.lr, max_lr=optim.lr,
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.lr_warmup_iters else optim.lr, max_lr=optim.lr,
         min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
         lr_decay_steps=max(decay_steps, optim.lr_warmup_iters + 1),
         lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
         end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant")
-    return Policy(chunks=ddp, optimizer=opt, scheduler=sched)
 
 
 def wrap_ddp(chunks: Sequence[torch.nn.Module], state, *,
              use_distributed_optimizer: bool = False) -> list:
     """The chunks in megatron DDP as the trainer trains them: contiguous fp32 gradient buffers
     (``main_grad``), reduced over data parallel by ``finalize_model_grads`` after the schedule."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
-    from megatron_cppo.models.qwen2_5_vl import unwrap
-
     tconfig = unwrap(chunks[0]).config
     tconfig.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(
@@ -133,14 +129,13 @@ class ReferenceModel:
             torch.cuda.empty_cache()
 
 
-def build_reference(hf_config, state, settings, *, hf_state_dict: Optional[dict] = None,
+def build_reference(hf_config, state, model: Qwen25VLModelConfig, *,
+                    hf_state_dict: Optional[dict] = None,
                     from_chunks: Optional[Sequence[torch.nn.Module]] = None,
                     cpu_offload: bool = False) -> ReferenceModel:
     """The reference model: the HF weights, or a copy of ``from_chunks``' current weights (the
-    policy right after loading its start checkpoint)."""
-    from megatron_cppo.models.qwen2_5_vl import build_qwen2_5_vl, load_hf_weights
-
-    chunks = build_qwen2_5_vl(hf_config, state, settings)
+    policy right after loading its start checkpoint: nothing is read again)."""
+    chunks = build_qwen2_5_vl(hf_config, state, model)
     if hf_state_dict is not None:
         load_hf_weights(chunks, hf_state_dict, state)
     elif from_chunks is not None:

@@ -1,68 +1,113 @@
-"""The real plug-ins of a run: vLLM rollouts, the prompt datasets, the reward (loop.Plugins).
+"""What plugs into the trainer: the prompt source, the rollout source and the reward.
 
-    run(cfg, default_plugins)                   # megatron_cppo/train.py
-    run(cfg, lambda c, s, h: build_plugins(c, s, h, engine_target=target))   # a shared engine
+    Plugins(prompts=..., rollout=..., reward_fn=..., valid_vocab=..., val_prompts=...)
 
-* prompts: ``megatron_cppo.data.PromptDataset`` over ``--data-path`` with the processor of the
-  model directory (``--hf-dir``: its tokenizer, chat template and image-size bounds are what vLLM
-  uses too, so the prompt ids agree; the rollout checks it), seeded by ``--seed`` (every rank
-  builds the same stream);
-* validation: the first ``--eval-iters`` rows (default all) of ``--val-data-path``, clean views;
-* reward: ``megatron_cppo.rewards.load_reward_fn()`` (0.9 x accuracy + 0.1 x format);
-* rollout: ``megatron_cppo.rollout.source.VLLMRolloutSource`` (rank 0 owns the engine process).
+The real ones (training/builder.default_plugins): ``megatron_cppo.data.PromptDataset``, the
+vLLM engine behind ``megatron_cppo.rollout.VLLMRolloutSource``, and ``reward_fn_from`` of
+``megatron_cppo.rewards.load_reward_fn()``. Tests plug in recorded ones
+(tests/helpers/recorded.py). Any implementation must pass the contract tests
+(tests/training/test_plugin_contracts.py); the records they exchange are
+``megatron_cppo.data.PromptItem`` and ``Sample`` (data/types.py).
+
+Every rank of the job holds the same plug-ins and calls them alike: prompt sources are seeded by
+the run seed (the same stream everywhere), a rollout source returns the same samples on every
+rank, and a reward is a pure function of the samples.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
-__all__ = ["build_plugins", "load_processor"]
+import torch
 
+from megatron_cppo.data.types import PromptItem, Sample
+from megatron_cppo.rollout.config import SamplingConfig
 
-def load_processor(hf_dir: str):
-    """The model directory's Qwen2.5-VL processor and its (min_pixels, max_pixels)."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(hf_dir)
-    size = processor.image_processor.size
-    get = (lambda k: getattr(size, k, None)) if not isinstance(size, dict) else size.get
-    return processor, (int(get("shortest_edge")), int(get("longest_edge")))
+__all__ = ["Plugins", "PromptSource", "RewardFn", "RolloutSource", "reward_fn_from"]
 
 
-def build_plugins(cfg, state, hf_config, *, engine_target=None):
-    from megatron_cppo.data import DataConfig, PromptDataset
-    from megatron_cppo.rewards import load_reward_fn
-    from megatron_cppo.rollout.source import VLLMRolloutSource, rollout_config_for
-    from megatron_cppo.training.loop import Plugins
-    from megatron_cppo.training.trainer import reward_fn_from
+@runtime_checkable
+class PromptSource(Protocol):
+    """Training or validation prompts, the same stream on every rank (seeded by the run seed)."""
 
-    hf_dir: Optional[str] = cfg.model.hf_dir
-    if hf_dir is None:
-        raise ValueError("--hf-dir: the vLLM rollout engine needs the model's Hugging Face "
-                         "directory (tokenizer, processor, architecture)")
-    if cfg.data.data_path is None:
-        raise ValueError("--data-path: needed (python -m megatron_cppo.data.builtin --out DIR "
-                         "writes the built-in dataset)")
-    processor, (min_pixels, max_pixels) = load_processor(hf_dir)
+    def next_batch(self, num_prompts: int) -> list[PromptItem]:
+        """The next ``num_prompts`` prompts in the epoch order (wraps to a new, reshuffled
+        epoch)."""
+        ...
 
-    def dataset(path, *, shuffle, perturb):
-        return PromptDataset(DataConfig(files=[path], max_prompt_length=cfg.rollout.max_prompt_length,
-                                        min_pixels=min_pixels, max_pixels=max_pixels,
-                                        seed=cfg.optimizer.seed, shuffle=shuffle,
-                                        perturb=perturb), processor)
+    def state_dict(self) -> dict:
+        """The data position (picklable): saved in every checkpoint. ``load_state_dict`` of it in
+        a source built alike gives the same following prompts."""
+        ...
 
-    prompts = dataset(cfg.data.data_path, shuffle=True, perturb=cfg.loss.cpl_coef > 0)
-    val_prompts = None
-    if cfg.data.val_data_path is not None:
-        val = dataset(cfg.data.val_data_path, shuffle=False, perturb=False)
-        val_prompts = val.next_batch(min(cfg.data.eval_iters or val.num_rows, val.num_rows))
-    n_seqs = max(cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt,
-                 len(val_prompts or []) * cfg.rollout.eval_n_samples)
-    rollout = VLLMRolloutSource(
-        rollout_config_for(hf_dir, max_prompt_length=cfg.rollout.max_prompt_length,
-                           max_response_length=cfg.rollout.max_response_length,
-                           bf16=cfg.model.bf16, max_num_seqs=min(n_seqs, 256),
-                           seed=cfg.optimizer.seed),
-        state, engine_target=engine_target, seed=cfg.optimizer.seed)
-    return Plugins(rollout=rollout, prompts=prompts, reward_fn=reward_fn_from(load_reward_fn()),
-                   valid_vocab=rollout.valid_vocab, val_prompts=val_prompts)
+    def load_state_dict(self, state: dict) -> None:
+        ...
+
+
+@runtime_checkable
+class RolloutSource(Protocol):
+    """The engine that samples responses with the current policy (vLLM in its own process)."""
+
+    def generate(self, prompts: Sequence[PromptItem], sampling: SamplingConfig) -> list[Sample]:
+        """``sampling.n`` responses per prompt, prompt-major (the n responses of prompt p are
+        consecutive with ``group_id`` = p), the same list on EVERY rank. Each ``Sample`` is
+        ``Sample.from_prompt(prompts[p], ...)``: the prompt's ids, pixels, I+/I- views, ground
+        truth and row index, the response ids, the sampler's per-token log-probs
+        (``rollout_log_probs``), ``weight_version`` = the engine's weights, ``response_text``
+        and ``finish_reason``. ``sampling.seed`` is the caller's (None: the source chooses a
+        reproducible one)."""
+        ...
+
+    def refit(self, chunks: Sequence[torch.nn.Module], state: Any, weight_version: int) -> None:
+        """Load the policy's current weights (this rank's TP/PP shards of ``chunks``); collective
+        over all training ranks. Afterwards ``generate`` samples from ``weight_version``."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class RewardFn(Protocol):
+    def __call__(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
+        """One dict per sample with at least ``reward``; ``acc`` and ``format`` if known."""
+        ...
+
+
+@dataclass
+class Plugins:
+    prompts: PromptSource
+    rollout: RolloutSource
+    reward_fn: RewardFn
+    valid_vocab: int                             # tokenizer vocabulary size
+    val_prompts: Optional[Sequence[PromptItem]] = None  # validation prompts
+    processor: Any = None  # the data processor, where the prompts have one (the warm start's)
+
+    def close(self) -> None:
+        self.rollout.close()
+
+
+def reward_fn_from(fn: Callable[[str, str], Any]) -> RewardFn:
+    """A ``RewardFn`` from a ``megatron_cppo.rewards`` function ``fn(response_text,
+    ground_truth) -> RewardOutput | float`` (e.g. ``rewards.load_reward_fn()``). A grader
+    exception scores 0 (and is counted as ``grader_error``)."""
+
+    def score(samples: Sequence[Sample]) -> list[dict[str, float]]:
+        out = []
+        for s in samples:
+            if s.ground_truth is None:
+                raise ValueError("a sample without ground_truth (the rollout source must build "
+                                 "samples with Sample.from_prompt)")
+            try:
+                r = fn(s.response_text or "", s.ground_truth)
+            except Exception:  # noqa: BLE001 - any grader failure scores 0, counted
+                out.append({"reward": 0.0, "acc": 0.0, "format": 0.0, "grader_error": 1.0})
+                continue
+            if isinstance(r, (int, float)):
+                out.append({"reward": float(r)})
+            else:
+                out.append({"reward": float(r.score), "acc": float(r.accuracy),
+                            "format": float(r.format), "unparsable": float(r.unparsable)})
+        return out
+
+    return score

@@ -6,7 +6,7 @@ samples, through the same micro-batch layout, forward step and optimizer as the 
 
 The loss of a micro-batch is the mean negative log-likelihood over its response tokens (logits
 divided by ``ctx.temperature``, normally 1 here; vocabulary rows beyond ``ctx.valid_vocab``
-excluded); the schedule averages micro-batches, DDP averages ranks (forward_step.py).
+excluded); the schedule averages micro-batches, DDP averages ranks (models/qwen2_5_vl/forward_step.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
+from megatron_cppo.data.types import Sample
+from megatron_cppo.models.qwen2_5_vl.forward_step import run_pipeline
 from megatron_cppo.ops.vocab_parallel import log_probs_and_entropy
-from megatron_cppo.training.batch import Sample
-from megatron_cppo.training.forward_step import run_pipeline
 from megatron_cppo.training.update import (
     StepResult,
     UpdateContext,

@@ -11,103 +11,29 @@ contiguous share); old and reference log-probs are computed for this rank's shar
 forward-only through megatron's pipeline schedule. One optimizer step per mini-batch (update.py),
 then the new weights go to the rollout engine (``refit``) and the weight version advances.
 
-What plugs in (interfaces below): a ``RolloutSource`` (the vLLM engine), a ``PromptSource`` (the
-dataset: a position that checkpoints save and restore), a ``RewardFn``.
+What plugs in (training/plugins.py): a ``RolloutSource`` (the vLLM engine), a ``PromptSource``
+(the dataset: a position that checkpoints save and restore), a ``RewardFn``. The Trainer is built
+complete by training/builder.py (policy, reference, plug-ins, monitor, counters restored).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_cppo.algorithms import CPPOLoss, grpo_advantages
-from megatron_cppo.training.batch import Sample, sample_cost
+from megatron_cppo.data.types import PromptItem, Sample
+from megatron_cppo.training.batch import sample_cost
+from megatron_cppo.training.plugins import Plugins
 from megatron_cppo.training.update import UpdateContext, compute_log_probs, update_mini_batch
 
-__all__ = ["PromptSource", "RewardFn", "RolloutSource", "Trainer", "TrainerState",
-           "reward_fn_from"]
-
-
-# ----------------------------------------------------------------------------------------------
-# what plugs in
-
-
-class PromptSource(Protocol):
-    """Training or validation prompts, identical on every rank (seeded by the run seed).
-
-    A prompt item carries what the rollout engine and the ``Sample`` need: ``prompt_ids``
-    (image tokens expanded), ``pixel_values`` / ``image_grid_thw`` (or None), the I+/I- pixel
-    views ``plus_pixel_values`` / ``minus_pixel_values`` (same shape as the clean pixels), the
-    ``ground_truth`` for the reward, and whatever the engine needs to sample (e.g. the image)."""
-
-    def next_batch(self, num_prompts: int) -> list[Any]:
-        """The next prompts in the epoch order (wraps to a new, reshuffled epoch)."""
-        ...
-
-    def state_dict(self) -> dict:
-        """The data position (epoch, index, RNG): saved in every checkpoint."""
-        ...
-
-    def load_state_dict(self, state: dict) -> None:
-        ...
-
-
-class RolloutSource(Protocol):
-    """The engine that samples responses with the current policy (vLLM in its own process)."""
-
-    def generate(self, prompts: Sequence[Any], *, n: int, temperature: float,
-                 max_new_tokens: int) -> list[Sample]:
-        """``n`` responses per prompt, prompt-major, on EVERY rank the same list. Each ``Sample``
-        holds the prompt's ids, pixels and I+/I- views, the response ids, the sampler's
-        per-token log-probs (``rollout_log_probs``), ``group_id`` = index of its prompt in
-        ``prompts``, ``weight_version`` = the engine's weights, ``response_text``, and
-        ``reward_extra['ground_truth']``."""
-        ...
-
-    def refit(self, chunks: Sequence[torch.nn.Module], state: Any, weight_version: int) -> None:
-        """Load the policy's current weights (this rank's TP/PP shards of ``chunks``); collective
-        over all training ranks. Afterwards ``generate`` samples from ``weight_version``."""
-        ...
-
-    def close(self) -> None:
-        ...
-
-
-class RewardFn(Protocol):
-    def __call__(self, samples: Sequence[Sample]) -> list[dict[str, float]]:
-        """One dict per sample with at least ``reward``; ``acc`` and ``format`` if known."""
-        ...
-
-
-def reward_fn_from(fn: Any) -> RewardFn:
-    """A ``RewardFn`` from a ``megatron_cppo.rewards`` function ``fn(response_text,
-    ground_truth) -> RewardOutput | float`` (e.g. ``rewards.load_reward_fn()``); the ground truth
-    is ``sample.reward_extra['ground_truth']``. A grader exception scores 0 (and is counted)."""
-
-    def score(samples: Sequence[Sample]) -> list[dict[str, float]]:
-        out = []
-        for s in samples:
-            try:
-                r = fn(s.response_text or "", s.reward_extra["ground_truth"])
-            except KeyError:
-                raise ValueError("a sample without reward_extra['ground_truth'] (the rollout "
-                                 "source must copy it from the prompt)") from None
-            except Exception:
-                out.append({"reward": 0.0, "acc": 0.0, "format": 0.0, "grader_error": 1.0})
-                continue
-            if isinstance(r, (int, float)):
-                out.append({"reward": float(r)})
-            else:
-                out.append({"reward": float(r.score), "acc": float(r.accuracy),
-                            "format": float(r.format), "unparsable": float(r.unparsable)})
-        return out
-
-    return score
+__all__ = ["Trainer", "TrainerState"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,22 +64,20 @@ class PhaseTimer:
 
 
 class Trainer:
-    """Owns the policy (``model.Policy``), the reference model, the loss and the plug-ins."""
+    """Owns the policy (``model.Policy``), the reference model, the loss and the plug-ins.
+    ``start``: where the start (= reference) weights came from (saved in every checkpoint)."""
 
-    def __init__(self, *, cfg, state, policy, reference, rollout: RolloutSource,
-                 prompts: PromptSource, reward_fn: RewardFn, rope_cfg, valid_vocab: int,
-                 logger=None):
+    def __init__(self, *, cfg, state, policy, reference, plugins: Plugins, ctx: UpdateContext,
+                 counters: TrainerState, start: dict, logger=None):
         self.cfg, self.state, self.policy, self.reference = cfg, state, policy, reference
-        self.rollout, self.prompts, self.reward_fn = rollout, prompts, reward_fn
-        self.logger = logger
-        self.counters = TrainerState()
+        self.plugins = plugins
+        self.rollout, self.prompts, self.reward_fn = (plugins.rollout, plugins.prompts,
+                                                      plugins.reward_fn)
+        self.ctx, self.counters, self.start, self.logger = ctx, counters, start, logger
         self.last_samples: list[Sample] = []
-        self.start: Optional[dict] = None  # where the start (= reference) weights came from
-        self.ctx = UpdateContext.from_config(cfg, state=state, rope_cfg=rope_cfg,
-                                             valid_vocab=valid_vocab)
-        self.loss_fn = CPPOLoss(cfg.loss_config(), tp_group=state.tp_group,
+        self.loss_fn = CPPOLoss(cfg.loss, tp_group=state.tp_group,
                                 temperature=cfg.rollout.rollout_temperature,
-                                valid_vocab=valid_vocab)
+                                valid_vocab=ctx.valid_vocab)
 
     # ---- one rollout step
 
@@ -163,9 +87,7 @@ class Trainer:
         # 1. rollout with the current weights
         with timer("rollout"):
             prompts = self.prompts.next_batch(cfg.rollout.rollout_batch_size)
-            samples = self.rollout.generate(prompts, n=cfg.rollout.n_samples_per_prompt,
-                                            temperature=cfg.rollout.rollout_temperature,
-                                            max_new_tokens=cfg.rollout.max_response_length)
+            samples = self.rollout.generate(prompts, cfg.rollout.sampling())
         self.counters.consumed_prompts += len(prompts)
         # 2. rewards, 3. group advantages (identical on every rank)
         with timer("reward"):
@@ -210,7 +132,7 @@ class Trainer:
         return self._metrics(samples, mine, results, timer.times)
 
     def _my_mini_batches(self, samples: list[Sample]) -> list[list[Sample]]:
-        gbs, dp, r = self.cfg.optimizer.global_batch_size, self.state.dp_size, self.state.dp_rank
+        gbs, dp, r = self.cfg.training.global_batch_size, self.state.dp_size, self.state.dp_rank
         if len(samples) % gbs:
             raise ValueError(f"the rollout returned {len(samples)} responses; --global-batch-size "
                              f"{gbs} must divide it")
@@ -275,12 +197,12 @@ class Trainer:
 
     # ---- evaluation
 
-    def evaluate(self, prompts: Sequence[Any]) -> dict[str, float]:
-        """avg@N accuracy and mean reward on ``prompts`` with the current weights."""
-        n = self.cfg.rollout.eval_n_samples
-        samples = self.rollout.generate(prompts, n=n,
-                                        temperature=self.cfg.rollout.rollout_temperature,
-                                        max_new_tokens=self.cfg.rollout.max_response_length)
+    def evaluate(self, prompts: Sequence[PromptItem]) -> dict[str, float]:
+        """avg@N accuracy and mean reward on ``prompts`` with the current weights (N =
+        --eval-n-samples, at the rollout's temperature and length)."""
+        sampling = dataclasses.replace(self.cfg.rollout.sampling(),
+                                       n=self.cfg.eval.eval_n_samples)
+        samples = self.rollout.generate(prompts, sampling)
         scored = self.reward_fn(samples)
         acc = [float(r.get("acc", r["reward"])) for r in scored]
         return {"val_acc": sum(acc) / max(len(acc), 1),

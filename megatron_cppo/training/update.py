@@ -3,13 +3,13 @@
     log_probs = compute_log_probs(chunks, samples, ctx)            # old policy / reference
     stats = update_mini_batch(chunks, optimizer, samples, loss_fn, ctx)
 
-Both go through ``forward_step.run_pipeline``. The loss head of the update turns the last stage's
+Both go through ``run_pipeline`` (models/qwen2_5_vl/forward_step.py). The loss head of the update turns the last stage's
 vocab-sharded logits of the stacked views at the response positions (``batch.collate``:
 ``logit_index_RT``, so no logits are computed for prompt tokens) into per-token log-probs and
 entropies with the vocab-parallel head (temperature-scaled, padding rows of the vocabulary beyond
 ``valid_vocab`` excluded), splits them into the clean pass and the I+/I- passes, and evaluates
 ``CPPOLoss`` on them. The loss reaches the schedule unscaled; megatron divides it by the number of
-micro-batches (forward_step.py) and DDP averages over data-parallel ranks: scaled exactly once.
+micro-batches (models/qwen2_5_vl/forward_step.py) and DDP averages over data-parallel ranks: scaled exactly once.
 
 A step whose loss (on any last stage) or gradient norm is not finite is skipped on every rank
 alike: one MIN all-reduce of a finite flag over the world decides.
@@ -29,9 +29,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_cppo.algorithms import CPPOLoss, CPPOMicroBatch, PerturbedPasses
+from megatron_cppo.data.types import Sample
+from megatron_cppo.models.qwen2_5_vl.forward_step import run_pipeline
 from megatron_cppo.ops.vocab_parallel import log_probs_and_entropy
+from megatron_cppo.parallel.agree import all_true
 from megatron_cppo.training.batch import (
-    Sample,
     collate,
     equalize_count,
     sample_cost,
@@ -39,7 +41,6 @@ from megatron_cppo.training.batch import (
     split_by_size,
     to_device,
 )
-from megatron_cppo.training.forward_step import run_pipeline
 
 __all__ = ["UpdateContext", "compute_log_probs", "micro_batches", "partition",
            "update_mini_batch"]
@@ -66,11 +67,13 @@ class UpdateContext:
 
     @classmethod
     def from_config(cls, cfg, *, state, rope_cfg, valid_vocab: int) -> "UpdateContext":
-        """The context of a trainer config (``training/config.TrainConfig``)."""
+        """The context of a trainer config (``training/config.TrainConfig``: its ``training``
+        section's batching, the rollout temperature)."""
+        t = cfg.training
         return cls(state=state, rope_cfg=rope_cfg, temperature=cfg.rollout.rollout_temperature,
-                   valid_vocab=valid_vocab, micro_batch_size=cfg.optimizer.micro_batch_size,
-                   max_tokens_per_microbatch=cfg.optimizer.max_tokens_per_microbatch,
-                   sequence_packing=cfg.optimizer.sequence_packing)
+                   valid_vocab=valid_vocab, micro_batch_size=t.micro_batch_size,
+                   max_tokens_per_microbatch=t.max_tokens_per_microbatch,
+                   sequence_packing=t.sequence_packing)
 
     @property
     def last_stage_rank(self) -> int:
@@ -221,9 +224,8 @@ def _step(optimizer, scheduler, per_mb: list[dict], ctx: UpdateContext) -> StepR
     optimizer.prepare_grads()  # main_grad -> grad, as step() does first
     grad_norm = optimizer.get_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-    flag = torch.tensor([1 if loss_ok and math.isfinite(grad_norm) else 0], device=s.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # world: every rank decides alike
-    stepped = bool(flag.item())
+    # the world votes: every rank steps or skips alike
+    stepped = all_true(loss_ok and math.isfinite(grad_norm), device=s.device)
     if stepped:
         optimizer.step()
         if scheduler is not None:

@@ -1,6 +1,6 @@
 """The supervised warm start, as its own phase before CPPO (``--warm-start-iters``).
 
-    warm_start(cfg, policy, state, ctx, monitor, hf_dir)   # collective; loop.run calls it
+    warm_start(cfg, policy, state, ctx, monitor, processor)   # collective; a phase of run.py
 
 Each of ``--warm-start-iters`` steps takes the next ``--global-batch-size`` rows of
 ``--sft-data-path`` (the built-in dataset's ``sft.parquet``: prompt + target response), this
@@ -21,43 +21,38 @@ import dataclasses
 import json
 import time
 
-import torch
+from megatron_cppo.data import PromptDataset, warm_start_tokens
+from megatron_cppo.data.types import PromptItem, Sample
+from megatron_cppo.training.sft import sft_step
 
-__all__ = ["warm_start"]
-
-
-def _training_sample(item, tokenizer, group_id: int):
-    from megatron_cppo.data import warm_start_tokens
-    from megatron_cppo.training.batch import Sample
-
-    ids_T, pos_3T, _ = warm_start_tokens(item, tokenizer)
-    has_image = item.pixel_values is not None and item.pixel_values.numel() > 0
-    return Sample(prompt_ids=item.input_ids.long(), response_ids=ids_T[item.input_ids.numel():],
-                  group_id=group_id, pixel_values=item.pixel_values if has_image else None,
-                  image_grid_thw=item.image_grid_thw if has_image else None, position_ids=pos_3T)
+__all__ = ["reset_optimizer_state", "warm_start"]
 
 
-def warm_start(cfg, policy, state, ctx, monitor, hf_dir: str) -> list[dict]:
-    from megatron_cppo.data import DataConfig, PromptDataset
-    from megatron_cppo.training.plugins import load_processor
-    from megatron_cppo.training.sft import sft_step
+def _training_sample(item: PromptItem, tokenizer, group_id: int) -> Sample:
+    """The target response of a warm-start row as a ``Sample`` (prompt, response, positions)."""
+    ids_T, _, _ = warm_start_tokens(item, tokenizer)
+    return Sample.from_prompt(item, ids_T[item.prompt_ids.numel():], group_id=group_id)
 
+
+def warm_start(cfg, policy, state, ctx, monitor, processor) -> list[dict]:
+    """``cfg.warm_start.warm_start_iters`` steps on ``cfg.data.sft_data_path`` (module
+    docstring); ``processor``: the model directory's (its tokenizer encodes the targets)."""
+    ws, data_cfg = cfg.warm_start, cfg.data
+    if data_cfg.sft_data_path is None:
+        raise ValueError("--warm-start-iters: needs --sft-data-path")
     ctx = dataclasses.replace(ctx, temperature=1.0)  # plain NLL, whatever the rollout samples at
-    processor, (min_pixels, max_pixels) = load_processor(hf_dir)
-    data = PromptDataset(DataConfig(files=[cfg.data.sft_data_path],
-                                    max_prompt_length=cfg.rollout.max_prompt_length,
-                                    min_pixels=min_pixels, max_pixels=max_pixels,
-                                    seed=cfg.optimizer.seed, perturb=False), processor)
-    gbs, dp, r = cfg.optimizer.global_batch_size, state.dp_size, state.dp_rank
+    data = PromptDataset(data_cfg.sft_data_path, processor, data_cfg, seed=cfg.training.seed,
+                         perturb=False)
+    gbs, dp, r = cfg.training.global_batch_size, state.dp_size, state.dp_rank
     share = gbs // dp
     lrs = [g["lr"] for g in policy.optimizer.param_groups]
     for g in policy.optimizer.param_groups:
-        g["lr"] = cfg.data.warm_start_lr
+        g["lr"] = ws.warm_start_lr
     history = []
-    monitor.print(f"warm start: {cfg.data.warm_start_iters} steps of {gbs} rows of "
-                  f"{cfg.data.sft_data_path} at lr {cfg.data.warm_start_lr}")
+    monitor.print(f"warm start: {ws.warm_start_iters} steps of {gbs} rows of "
+                  f"{data_cfg.sft_data_path} at lr {ws.warm_start_lr}")
     try:
-        for step in range(1, cfg.data.warm_start_iters + 1):
+        for step in range(1, ws.warm_start_iters + 1):
             t0 = time.perf_counter()
             items = data.next_batch(gbs)[r * share:(r + 1) * share]
             samples = [_training_sample(x, processor.tokenizer, i) for i, x in enumerate(items)]
@@ -68,7 +63,7 @@ def warm_start(cfg, policy, state, ctx, monitor, hf_dir: str) -> list[dict]:
             if monitor.enabled and monitor.log_dir is not None:  # rank 0: its own JSONL
                 with open(monitor.log_dir / "warm_start.jsonl", "a") as fh:
                     fh.write(json.dumps(m) + "\n")
-            monitor.print(f"warm start {step}/{cfg.data.warm_start_iters} | sft_loss "
+            monitor.print(f"warm start {step}/{ws.warm_start_iters} | sft_loss "
                           f"{m['sft_loss']:.4f} | gnorm {res.grad_norm:.3f} | s/step {m['time']:.1f}")
     finally:
         for g, lr in zip(policy.optimizer.param_groups, lrs):

@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SPLIT = {"--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"}
 WRITE = {"--overwrite", "--no-progress", "--allow-non-finite", "--debug"}
+# the trainer's (Megatron-LM's) names, with --tp / --pp as short aliases
+LAYOUT = {"--tensor-model-parallel-size", "--tp", "--pipeline-model-parallel-size", "--pp",
+          "--vision-parallel-mode"}
 SURFACE = {
-    "hf-to-megatron": {"--hf-dir", "--out", "--tp", "--pp", "--vision-parallel", "--dtype"}
-    | SPLIT | WRITE,
+    "hf-to-megatron": {"--hf-dir", "--out", "--dtype"} | LAYOUT | SPLIT | WRITE,
     "megatron-to-hf": {"--megatron-dir", "--out", "--max-shard-size", "--hf-layout"} | WRITE,
-    "reshard": {"--megatron-dir", "--out", "--tp", "--pp", "--vision-parallel"} | SPLIT | WRITE,
+    "reshard": {"--megatron-dir", "--out"} | LAYOUT | SPLIT | WRITE,
     "check": {"--megatron-dir", "--debug"},
     "verify": {"--hf-dir", "--megatron-dir", "--inputs", "--dump-logits", "--tolerance",
                "--kl-tolerance", "--debug"},
@@ -39,7 +41,7 @@ def test_surface_is_frozen_and_every_flag_has_help():
     subs = _subparsers(cli.build_parser())
     assert set(subs) == set(SURFACE)
     for name, sub in subs.items():
-        flags = {a.option_strings[-1] for a in sub._actions if a.option_strings} - {"--help"}
+        flags = {s for a in sub._actions for s in a.option_strings} - {"--help", "-h"}
         assert flags == SURFACE[name], name
         assert sub.description and len(sub.description) > 80, name
         for action in sub._actions:
@@ -50,13 +52,16 @@ def test_surface_is_frozen_and_every_flag_has_help():
 def test_choices_and_defaults_follow_the_issue():
     p = cli.build_parser()
     a = p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o"])
-    assert (a.tp, a.pp, a.vision_parallel, a.dtype, a.overwrite) == (1, 1, None, None, False)
+    assert (a.tp, a.pp, a.vision_parallel_mode, a.dtype, a.overwrite) == (1, 1, "auto", None,
+                                                                           False)
     a = p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o", "--tp", "2", "--pp", "4",
-                      "--vision-parallel", "replicated", "--dtype", "fp16"])
-    assert (a.tp, a.pp, a.vision_parallel, a.dtype) == (2, 4, "replicated", "fp16")
-    for bad in (["--vision-parallel", "dp"], ["--dtype", "fp8"]):
-        with pytest.raises(SystemExit):
-            p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o", *bad])
+                      "--vision-parallel-mode", "dp_in_tp", "--dtype", "fp16"])
+    assert (a.tp, a.pp, a.vision_parallel_mode, a.dtype) == (2, 4, "dp_in_tp", "fp16")
+    a = p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o",
+                      "--tensor-model-parallel-size", "4", "--pipeline-model-parallel-size", "2"])
+    assert (a.tp, a.pp) == (4, 2)
+    with pytest.raises(SystemExit):  # the old flag name is no prefix of the new one
+        p.parse_args(["hf-to-megatron", "--hf-dir", "h", "--out", "o", "--vision-parallel", "tp"])
     a = p.parse_args(["verify", "--hf-dir", "h", "--megatron-dir", "m"])
     assert (a.inputs, a.dump_logits, a.tolerance, a.kl_tolerance) == (None, None, None, None)
     a = p.parse_args(["megatron-to-hf", "--megatron-dir", "m", "--out", "o",
@@ -65,10 +70,11 @@ def test_choices_and_defaults_follow_the_issue():
     a = p.parse_args(["reshard", "--megatron-dir", "m", "--out", "o", "--tp", "1", "--pp", "3",
                       "--decoder-first-pipeline-num-layers", "1",
                       "--decoder-last-pipeline-num-layers", "2"])
-    assert cli._split(a) == dict(num_layers_in_first_pipeline_stage=1,
-                                 num_layers_in_last_pipeline_stage=2)
+    assert cli._split(a) == dict(decoder_first_pipeline_num_layers=1,
+                                 decoder_last_pipeline_num_layers=2)
 
 
+@pytest.mark.slow
 def test_console_script_and_tools_entry_answer_help():
     exe = Path(sys.executable).parent / "megatron-cppo-convert"
     outputs = []

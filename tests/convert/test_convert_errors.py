@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import convert_fixtures as cf
+from helpers import convert_fixtures as cf
 from megatron_cppo.convert import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +95,9 @@ def test_truncated_safetensors(good, tmp_path, capsys):
     (3, 1, (), "tensor-model-parallel-size 3"),  # 4 heads, 2 query groups, MLP 128
     (1, 5, (), "pipeline-model-parallel-size 5"),  # 4 layers
     (1, 3, ("--decoder-first-pipeline-num-layers", "1"), "leave 3 of 4"),
-    (1, 1, ("--decoder-last-pipeline-num-layers", "2"), "pipeline_model_parallel_size > 1"),
+    (1, 1, ("--decoder-last-pipeline-num-layers", "2"),
+     "--decoder-last-pipeline-num-layers: needs --pipeline-model-parallel-size > 1"),
+    (2, 1, ("--vision-parallel-mode", "sharded"), "--vision-parallel-mode: must be one of"),
 ])
 def test_layout_the_model_cannot_be_split_into(good, tmp_path, capsys, tp, pp, extra, needle):
     _run_error(capsys, _h2m(good, tmp_path / "out", "--tp", str(tp), "--pp", str(pp), *extra),
@@ -151,7 +153,6 @@ def test_missing_hf_directory(tmp_path, capsys):
 
 def test_bad_flag_values_are_usage_errors(capsys):
     for argv in (["hf-to-megatron", "--hf-dir", "a", "--out", "b", "--tp", "0"],
-                 ["hf-to-megatron", "--hf-dir", "a", "--out", "b", "--dtype", "int8"],
                  ["reshard", "--megatron-dir", "a", "--out", "b", "--tp", "2"],  # --pp missing
                  ["megatron-to-hf", "--megatron-dir", "a", "--out", "b", "--max-shard-size", "x"],
                  ["megatron-to-hf", "--megatron-dir", "a", "--out", "b", "--max-shard-size",
@@ -161,8 +162,13 @@ def test_bad_flag_values_are_usage_errors(capsys):
             cli.main(argv)
         assert e.value.code == 2
         assert "error:" in capsys.readouterr().err
+    # names checked against the dtype table (megatron_cppo/dtypes.py) before anything is read
+    assert cli.main(["hf-to-megatron", "--hf-dir", "a", "--out", "b", "--dtype", "int8"]) == 2
+    assert "error: --dtype: must be one of fp32, bf16, fp16, got 'int8'" in \
+        capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_and_exits_2(good, tmp_path):
     """tools/convert/convert.py as a user runs it (no package import path tricks by pytest)."""
     bad = _variant(good, tmp_path, lambda sd: {k: v for k, v in sd.items() if k != QKV0})

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import convert_fixtures as cf
-import tiny_qwen  # tests/models, put on sys.path by convert_fixtures
+from helpers import convert_fixtures as cf
+from helpers import tiny_qwen
+from megatron_cppo.checkpoint import read_meta
 from megatron_cppo.convert import cli
-from megatron_cppo.convert.checkpoint import read_meta
 
 # (tied, input key layout, dtype): every tie setting with both layouts, both dtypes covered
 VARIANTS = [(True, "old", torch.float32), (True, "new", torch.float32),
@@ -87,6 +87,7 @@ def test_hf_megatron_tp2pp2_hf_is_bitwise_identical(root, hf_dirs, name, capsys)
         assert all((out / f).read_text() == text for f, text in AUX.items())
 
 
+@pytest.mark.slow
 def test_reshard_tp2pp1_to_tp1pp2_then_hf_is_bitwise_identical(root, hf_dirs):
     """The first step runs the installed console script as a user would (one real process)."""
     name = "tied-new-float32"  # tied: the vocabulary padding changes from 1532 to 1531 rows

@@ -26,9 +26,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import convert_fixtures as cf
-import tiny_qwen  # tests/models, put on sys.path by convert_fixtures
+from helpers import convert_fixtures as cf
+from helpers import tiny_qwen
 from megatron_cppo.convert import cli
+
+pytestmark = pytest.mark.slow  # verify launches its ranks
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def test_builtin_probe_batch(ckpts, tmp_path):
     """The built-in probe: a sample with one image 6 x 4 merged tokens wide (wider than the tiny
     config's 2 x 2-token window) and a text-only sample, right-padded; an HF directory whose
     processor does not load gives the same batch and says so."""
-    from megatron_cppo.convert.checkpoint import read_hf_config
+    from megatron_cppo.convert.hf_source import read_hf_config
     from megatron_cppo.convert.verify import build_probe_batch
 
     hf = ckpts["hf_tied"]
@@ -175,7 +177,7 @@ def test_builtin_probe_batch(ckpts, tmp_path):
 def test_a_failing_rank_surfaces_its_traceback(ckpts):
     """An unexpected exception on a megatron rank (here: a batch without M-RoPE ids) stops all
     ranks and comes back as a RuntimeError carrying the rank's traceback; no hang."""
-    from megatron_cppo.convert.checkpoint import read_hf_config
+    from megatron_cppo.convert.hf_source import read_hf_config
     from megatron_cppo.convert.verify import build_probe_batch, run_megatron
 
     batch, _, _ = build_probe_batch(ckpts["hf_tied"], read_hf_config(ckpts["hf_tied"]))

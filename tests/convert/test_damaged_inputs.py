@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import convert_fixtures as cf
+from helpers import convert_fixtures as cf
 from megatron_cppo.convert import cli
 
 QKV0 = "model.layers.0.self_attn.q_proj.weight"  # what save_pretrained writes (old layout)
@@ -238,7 +238,7 @@ CASES = [
     Case("meta-format-version", "mc", _edit_meta(lambda m: {**m, "format_version": 99}),
          ("format_version 99",)),
     Case("meta-split-impossible", "mc", _edit_meta(
-        lambda m: {**m, "pp": 2, "num_layers_in_first_pipeline_stage": 4}),
+        lambda m: {**m, "pp": 2, "decoder_first_pipeline_num_layers": 4}),
          ("recorded layout",)),
     Case("meta-hf-config-not-qwen", "mc", _edit_meta(
         lambda m: {**m, "hf_config": {**m["hf_config"], "model_type": "llama"}}),

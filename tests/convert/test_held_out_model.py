@@ -21,10 +21,12 @@ import re
 
 import pytest
 
-import convert_fixtures as cf
-import tiny_qwen  # tests/models, put on sys.path by convert_fixtures
+from helpers import convert_fixtures as cf
+from helpers import tiny_qwen
 from megatron_cppo.checkpoint import read_meta
 from megatron_cppo.convert import cli
+
+pytestmark = pytest.mark.slow  # conversions and a launched verify of a second model
 
 VISION_START, VISION_END, IMAGE, VIDEO = 1590, 1591, 1592, 1593
 
@@ -82,9 +84,9 @@ def test_held_out_model_tp2pp2_uneven_split(hf_dir, tmp_path, capsys):
            "layers: using layers per stage [1, 2]" in out, out
     meta = read_meta(ckpt)
     assert (meta.tp, meta.pp, meta.dtype, meta.padded_vocab_size) == (2, 2, "fp32", 1602)
-    assert (meta.num_layers_in_first_pipeline_stage,
-            meta.num_layers_in_last_pipeline_stage) == (1, None)
-    assert meta.vision_parallel == "dp_in_tp" and meta.source_hf_layout == "transformers"
+    assert (meta.decoder_first_pipeline_num_layers,
+            meta.decoder_last_pipeline_num_layers) == (1, None)
+    assert meta.vision_parallel_mode == "dp_in_tp" and meta.source_hf_layout == "transformers"
     _verify(capsys, hf_dir, ckpt)
     _export_is_bitwise(tmp_path, ckpt, hf_dir, "tp2pp2")
 
@@ -96,7 +98,7 @@ def test_held_out_model_tp2pp2_uneven_split(hf_dir, tmp_path, capsys):
     capsys.readouterr()
     meta = read_meta(other)
     assert (meta.tp, meta.pp, meta.padded_vocab_size) == (1, 2, 1601)
-    assert (meta.num_layers_in_first_pipeline_stage,
-            meta.num_layers_in_last_pipeline_stage) == (2, None)
+    assert (meta.decoder_first_pipeline_num_layers,
+            meta.decoder_last_pipeline_num_layers) == (2, None)
     _verify(capsys, hf_dir, other)
     _export_is_bitwise(tmp_path, other, hf_dir, "tp1pp2_first2")

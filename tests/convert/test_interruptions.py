@@ -22,9 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-import convert_fixtures as cf
+from helpers import convert_fixtures as cf
 from megatron_cppo.checkpoint import output_lock, read_meta
 from megatron_cppo.convert import cli
+
+pytestmark = pytest.mark.slow  # signals to real converter processes
 
 ROOT = Path(__file__).resolve().parents[2]
 

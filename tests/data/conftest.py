@@ -22,9 +22,3 @@ def builtin_dir(tmp_path_factory):
     write_builtin_dataset(out, seed=3, train_rows=24, validation_rows=8, sft_rows=8,
                           row_group_size=5)
     return out
-
-
-def data_config(files, **kw):
-    from megatron_cppo.data.dataset import DataConfig
-    return DataConfig(files=[str(f) for f in files], min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                      **kw)

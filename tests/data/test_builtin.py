@@ -13,12 +13,12 @@ from collections import deque
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from conftest import data_config
 from PIL import Image
 
+from helpers.datasets import open_dataset
 from megatron_cppo.data.builtin import (COLORS, DIGIT_SEGMENTS, LEVELS, SEGMENTS, TASKS, main,
                                         make_row, write_builtin_dataset)
-from megatron_cppo.data.dataset import PromptDataset, warm_start_tokens
+from megatron_cppo.data.dataset import warm_start_tokens
 from megatron_cppo.rewards import cppo_reward
 
 
@@ -131,14 +131,14 @@ def test_deterministic_files_cli_and_reader(tmp_path, processor):
 
     assert main(["--out", str(tmp_path / "d"), "--levels", "7"]) == 2
 
-    ds = PromptDataset(data_config([tmp_path / "a" / "sft.parquet"], shuffle=False), processor)
+    ds = open_dataset([tmp_path / "a" / "sft.parquet"], shuffle=False, processor=processor)
     s = ds.next_sample()
     assert s.response.startswith("<think>") and s.ground_truth in s.response
     assert sum(ds.skip_counts().values()) == 0
     ids, pos, mask = warm_start_tokens(s, processor.tokenizer)
-    T = s.input_ids.numel()
+    T = s.prompt_ids.numel()
     assert processor.tokenizer.decode(ids[mask]) == s.response + "<|im_end|>"
-    assert not mask[:T].any() and torch.equal(ids[:T], s.input_ids)
+    assert not mask[:T].any() and torch.equal(ids[:T], s.prompt_ids)
     from megatron_cppo.models.qwen2_5_vl.rope_index import mrope_position_ids
     want, _ = mrope_position_ids(ids, ds.rope_cfg, image_grid_N3=s.image_grid_thw)
     assert torch.equal(pos, want)

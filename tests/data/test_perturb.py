@@ -11,39 +11,38 @@ uses them, so they need no distribution test of their own."""
 import numpy as np
 import pytest
 import torch
-from conftest import data_config
 from PIL import Image
 
-from megatron_cppo.data.dataset import PromptDataset
+from helpers.datasets import open_dataset
 from megatron_cppo.data.perturb import (MINUS_KINDS, PLUS_KINDS, PerturbationConfig, Perturber,
                                         perturbation_seed)
 
 
 def test_three_views_share_grid_and_tokens(processor, builtin_dir):
-    ds = PromptDataset(data_config([builtin_dir / "train.parquet"], seed=1), processor)
+    ds = open_dataset([builtin_dir / "train.parquet"], seed=1, processor=processor)
     for s in ds.next_batch(8):
         # the perturbed passes reuse the clean input_ids / positions: same grid, same patches
         ip = processor.image_processor
-        for views in (s.images_plus, s.images_minus):
+        for views in (s.plus_images, s.minus_images):
             out = ip(images=views, return_tensors="pt")
             assert torch.equal(out["image_grid_thw"], s.image_grid_thw)
             text = processor(text=[s.prompt], images=views, return_tensors="pt")
-            assert torch.equal(text["input_ids"][0], s.input_ids)
-        assert s.pixel_values_plus.shape == s.pixel_values.shape == s.pixel_values_minus.shape
-        assert not torch.equal(s.pixel_values_minus, s.pixel_values)
-        assert [im.size for im in s.images_plus] == [im.size for im in s.images]
+            assert torch.equal(text["input_ids"][0], s.prompt_ids)
+        assert s.plus_pixel_values.shape == s.pixel_values.shape == s.minus_pixel_values.shape
+        assert not torch.equal(s.minus_pixel_values, s.pixel_values)
+        assert [im.size for im in s.plus_images] == [im.size for im in s.images]
 
     # One draw per (seed, index, epoch): the row processed again (for another rollout of the
     # group, or on another rank) gives the same views; another epoch or seed a new draw.
     idx = s.index
     again = _process(ds, idx, epoch=0)
-    assert torch.equal(again.pixel_values_plus, s.pixel_values_plus)
-    assert torch.equal(again.pixel_values_minus, s.pixel_values_minus)
+    assert torch.equal(again.plus_pixel_values, s.plus_pixel_values)
+    assert torch.equal(again.minus_pixel_values, s.minus_pixel_values)
     other = _process(ds, idx, epoch=1)
-    assert not torch.equal(other.pixel_values_minus, s.pixel_values_minus)
-    other_seed = PromptDataset(data_config([builtin_dir / "train.parquet"], seed=2), processor)
-    assert not torch.equal(_process(other_seed, idx, epoch=0).pixel_values_minus,
-                           s.pixel_values_minus)
+    assert not torch.equal(other.minus_pixel_values, s.minus_pixel_values)
+    other_seed = open_dataset([builtin_dir / "train.parquet"], seed=2, processor=processor)
+    assert not torch.equal(_process(other_seed, idx, epoch=0).minus_pixel_values,
+                           s.minus_pixel_values)
 
 
 def _process(ds, index, epoch):

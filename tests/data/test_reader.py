@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import data_config
 from PIL import Image
 
-from megatron_cppo.data.dataset import PromptDataset, RowReader
+from helpers.datasets import open_dataset
+from megatron_cppo.data.dataset import RowReader
 from megatron_cppo.data.schema import SKIP_REASONS
 
 
@@ -75,9 +75,8 @@ def _bad_files(tmp_path):
 
 
 def test_every_skip_reason_is_counted(processor, tmp_path):
-    cfg = data_config(_bad_files(tmp_path), shuffle=False, max_prompt_length=200,
-                      max_image_pixels=60 * 60)
-    ds = PromptDataset(cfg, processor)
+    ds = open_dataset(_bad_files(tmp_path), processor=processor, shuffle=False,
+                      max_prompt_length=200, max_image_pixels=60 * 60)
     good = ds.next_batch(2)
     assert [s.ground_truth for s in good] == ["2", "x"]
     want = {r: 1 for r in SKIP_REASONS}
@@ -92,22 +91,22 @@ def test_every_skip_reason_is_counted(processor, tmp_path):
     # "<image>\n" prepended and the instruction appended to a bare question (reference prompt)
     assert "<|vision_start|><|image_pad|><|vision_end|>\nGood one You FIRST think" in s.prompt
     assert s.images[0].size == (56, 28) and s.image_grid_thw.tolist() == [[1, 2, 4]]
-    n_img = int((s.input_ids == 151655).sum())
+    n_img = int((s.prompt_ids == 151655).sum())
     assert n_img == 2 * 4 // 4  # prompt length counts the expanded image tokens
-    assert s.input_ids.numel() == len(processor.tokenizer(s.prompt)["input_ids"]) + n_img - 1
+    assert s.prompt_ids.numel() == len(processor.tokenizer(s.prompt)["input_ids"]) + n_img - 1
     from megatron_cppo.models.qwen2_5_vl.rope_index import mrope_position_ids
-    pos, delta = mrope_position_ids(s.input_ids, ds.rope_cfg, image_grid_N3=s.image_grid_thw)
-    assert torch.equal(pos, s.position_ids) and delta == s.rope_delta
+    pos, delta = mrope_position_ids(s.prompt_ids, ds.rope_cfg, image_grid_N3=s.image_grid_thw)
+    assert torch.equal(pos, s.prompt_position_ids) and delta == s.rope_delta
     assert s.data_source == "t" and s.extra_info == {"k": 1}
     # 40x40 is resized to a multiple of 28 within the pixel bounds: 28x28
     assert good[1].images[0].size == (28, 28)
 
-    with pytest.raises(ValueError, match="max_prompt_length"):
-        data_config(_bad_files(tmp_path), max_prompt_length=0)
-    only_bad = data_config([tmp_path / "bad.jsonl"], max_image_pixels=60 * 60,
-                           max_prompt_length=200)
+    with pytest.raises(ValueError, match="--max-prompt-length"):
+        open_dataset(_bad_files(tmp_path), processor=processor, max_prompt_length=0)
+    only_bad = open_dataset([tmp_path / "bad.jsonl"], processor=processor,
+                            max_image_pixels=60 * 60, max_prompt_length=200)
     with pytest.raises(ValueError, match="no usable row"):
-        PromptDataset(only_bad, processor).next_sample()
+        only_bad.next_sample()
 
 
 def test_10k_row_parquet_memory_is_bounded_by_a_row_group(tmp_path):
@@ -156,29 +155,29 @@ def test_jsonl_with_image_paths_reads_like_parquet(processor, builtin_dir, tmp_p
             r["images"] = [f"img/{i}.png"]
             f.write(json.dumps(r) + "\n")
     kw = dict(shuffle=True, seed=9, jsonl_chunk_rows=5)  # units like the row groups of 5
-    a = PromptDataset(data_config([builtin_dir / "validation.parquet"], **kw), processor)
-    b = PromptDataset(data_config([tmp_path / "val.jsonl"], **kw), processor)
+    a = open_dataset([builtin_dir / "validation.parquet"], **kw, processor=processor)
+    b = open_dataset([tmp_path / "val.jsonl"], **kw, processor=processor)
     assert [u.num_rows for u in b.reader.units] == [u.num_rows for u in a.reader.units] == [5, 3]
     for _ in range(len(rows)):
         x, y = a.next_sample(), b.next_sample()
-        assert x.ground_truth == y.ground_truth and torch.equal(x.input_ids, y.input_ids)
+        assert x.ground_truth == y.ground_truth and torch.equal(x.prompt_ids, y.prompt_ids)
         assert torch.equal(x.pixel_values, y.pixel_values)
 
 
 def _key(s):
-    return (s.index, s.epoch, s.input_ids.tolist(), s.pixel_values_plus.sum().item(),
-            s.pixel_values_minus.sum().item(), s.perturbation_kinds)
+    return (s.index, s.epoch, s.prompt_ids.tolist(), s.plus_pixel_values.sum().item(),
+            s.minus_pixel_values.sum().item(), s.perturbation_kinds)
 
 
 @pytest.mark.parametrize("cut", [25, 32])  # mid-epoch; exactly at the epoch boundary (32 rows)
 def test_resume_sees_the_same_samples(processor, builtin_dir, cut):
     files = [builtin_dir / "train.parquet", builtin_dir / "validation.parquet"]  # 32 rows
-    full = PromptDataset(data_config(files, seed=5), processor)
+    full = open_dataset(files, seed=5, processor=processor)
     ref = [_key(s) for s in full.next_batch(cut + 12)]
-    a = PromptDataset(data_config(files, seed=5), processor)
+    a = open_dataset(files, seed=5, processor=processor)
     a.next_batch(cut)
     state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores
-    b = PromptDataset(data_config(files, seed=5), processor)
+    b = open_dataset(files, seed=5, processor=processor)
     b.load_state_dict(state)
     assert [_key(s) for s in b.next_batch(12)] == ref[cut:]
     assert [k[1] for k in ref].count(1) == cut + 12 - 32  # crossed into epoch 1
@@ -188,4 +187,4 @@ def test_resume_sees_the_same_samples(processor, builtin_dir, cut):
     assert [k[0] for k in ref[:len(e1)]] != [k[0] for k in e1]
     assert all(e0[k[0]][3:5] != k[3:5] for k in e1)
     with pytest.raises(ValueError, match="seed"):
-        PromptDataset(data_config(files, seed=6), processor).load_state_dict(state)
+        open_dataset(files, seed=6, processor=processor).load_state_dict(state)

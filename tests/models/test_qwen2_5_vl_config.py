@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import tiny_qwen
+from helpers import tiny_qwen
 from megatron_cppo.models.qwen2_5_vl.config import (
     Qwen25VLDims,
     Qwen25VLModelConfig,
@@ -20,10 +20,10 @@ def _dims(**kwargs):
     return Qwen25VLDims.from_hf(tiny_qwen.hf_config(tied=True, **kwargs))
 
 
-def _layout(dims, tp=1, pp=1, vpp=None, **settings):
+def _layout(dims, tp=1, pp=1, vpp=None, first=None, **settings):
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                          virtual_pipeline_model_parallel_size=vpp,
-                         batch_p2p_comm=vpp is None)
+                         decoder_first_pipeline_num_layers=first, batch_p2p_comm=vpp is None)
     return validate_layout(dims, Qwen25VLModelConfig(**settings), par)
 
 
@@ -61,19 +61,20 @@ def test_pp_larger_than_layers():
 def test_pipeline_split():
     # PP 3 does not divide 4 layers and no split is given: one is chosen, and said
     chosen = _layout(_dims(), pp=3)
-    assert chosen.pipeline_split == dict(num_layers_in_first_pipeline_stage=1,
-                                         num_layers_in_last_pipeline_stage=1)
+    assert chosen.pipeline_split == dict(decoder_first_pipeline_num_layers=1,
+                                         decoder_last_pipeline_num_layers=1)
     assert "[1, 2, 1]" in chosen.split_note
     even = _layout(_dims(), pp=2)
-    assert even.num_layers_in_first_pipeline_stage is None and even.split_note is None
-    given = _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=2)
-    assert given.num_layers_in_first_pipeline_stage == 2 and given.split_note is None
+    assert even.decoder_first_pipeline_num_layers is None and even.split_note is None
+    given = _layout(_dims(), pp=3, first=2)
+    assert given.decoder_first_pipeline_num_layers == 2 and given.split_note is None
     with pytest.raises(ValueError, match="virtual pipeline"):
         _layout(_dims(num_layers=6), pp=2, vpp=2, variable_seq_lengths=False)
     with pytest.raises(ValueError, match="leave 3 of 4"):
-        _layout(_dims(), pp=3, num_layers_in_first_pipeline_stage=1)
-    with pytest.raises(ValueError, match="need pipeline_model_parallel_size > 1"):
-        _layout(_dims(), pp=1, num_layers_in_first_pipeline_stage=1)
+        _layout(_dims(), pp=3, first=1)
+    with pytest.raises(ValueError, match="--decoder-first-pipeline-num-layers: needs "
+                                         "--pipeline-model-parallel-size > 1"):
+        _layout(_dims(), pp=1, first=1)
     with pytest.raises(ValueError, match="variable_seq_lengths=False"):
         _layout(_dims(), pp=2, vpp=2)
     assert _layout(_dims(), pp=2, vpp=2, variable_seq_lengths=False)
@@ -100,9 +101,12 @@ def test_bad_hf_configs():
 
 
 def test_settings_validation():
-    with pytest.raises(ValueError, match="vision_parallel_mode"):
+    with pytest.raises(ValueError, match="--vision-parallel-mode"):
         Qwen25VLModelConfig(vision_parallel_mode="sharded")
-    with pytest.raises(ValueError, match="dtype"):
-        Qwen25VLModelConfig(dtype="fp16")
-    with pytest.raises(ValueError, match="num_layers_in_first_pipeline_stage"):
-        Qwen25VLModelConfig(num_layers_in_first_pipeline_stage=0)
+    with pytest.raises(ValueError, match="--bf16"):
+        Qwen25VLModelConfig(bf16="fp16")
+    with pytest.raises(ValueError, match="--decoder-first-pipeline-num-layers"):
+        ParallelConfig(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=0)
+    # --recompute-granularity full alone recomputes every layer (Megatron-LM needs both others)
+    full = Qwen25VLModelConfig(recompute_granularity="full")
+    assert (full.recompute_method, full.recompute_num_layers) == ("uniform", 1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_qwen
+from helpers import tiny_qwen
 from megatron_cppo.models.qwen2_5_vl import mapping
 from megatron_cppo.models.qwen2_5_vl.config import (
     Qwen25VLDims,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_qwen
+from helpers import tiny_qwen
 from megatron_cppo.models.qwen2_5_vl.rope_index import (
     MRopeIndexConfig,
     mrope_position_ids,

@@ -18,13 +18,12 @@ GPU-only (marked ``gpu``): the flash / varlen kernels against the CPU path.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-import tiny_qwen
-from distributed import run_on_ranks
+from helpers import tiny_qwen
+from helpers.distributed import run_on_ranks
 from megatron_cppo.models.qwen2_5_vl.packing import pack_samples, samples_from_padded, unpack
 from megatron_cppo.nn import attention as attn
 
@@ -363,6 +362,7 @@ def packed_runs(tmp_path_factory):
     return per_rank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"tp{x[0]}pp{x[1]}")
 def test_packed_equals_padded(packed_runs, layout):
     for rank, res in enumerate(packed_runs):
@@ -376,6 +376,7 @@ def test_packed_equals_padded(packed_runs, layout):
                                                                             r["selected"])
 
 
+@pytest.mark.slow
 def test_recompute_is_exact(packed_runs):
     for rank, res in enumerate(packed_runs):
         for name in RECOMPUTE:

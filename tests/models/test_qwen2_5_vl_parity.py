@@ -25,13 +25,16 @@ sequence parallelism, real-size models.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
-from distributed import run_on_ranks
-import tiny_qwen
+from helpers.distributed import run_on_ranks
+from helpers import tiny_qwen
+
+pytestmark = pytest.mark.slow  # multi-rank parity with transformers
 
 MODES = ("tp", "dp_in_tp")
 TOL_LOGITS, TOL_VIT, TOL_LOSS, TOL_GRAD, TOL_NORM_REL = 1e-4, 1e-5, 1e-5, 5e-6, 1e-5
@@ -65,7 +68,7 @@ def _check_layout(state, root, runs, fixed_seq_length=None):
     )
     from megatron_cppo.models.qwen2_5_vl.mapping import normalize_hf_state_dict
     from megatron_cppo.models.qwen2_5_vl.vision_dp import allreduce_replicated_grads
-    from megatron_cppo.training.forward_step import run_pipeline
+    from megatron_cppo.models.qwen2_5_vl.forward_step import run_pipeline
 
     results = {}
     for variant, mode, settings, tag in runs:
@@ -83,10 +86,13 @@ def _check_layout(state, root, runs, fixed_seq_length=None):
                 image_grid_N3=mb["image_grid_thw"])
         settings = dict(settings)
         ddp = settings.pop("megatron_ddp", False)
-        chunks = build_qwen2_5_vl(path, state, Qwen25VLModelConfig(
+        split = {k: settings.pop(k) for k in ("decoder_first_pipeline_num_layers",
+                                              "decoder_last_pipeline_num_layers") if k in settings}
+        run_state = dataclasses.replace(state, config=dataclasses.replace(state.config, **split))
+        chunks = build_qwen2_5_vl(path, run_state, Qwen25VLModelConfig(
             vision_parallel_mode=mode, variable_seq_lengths=fixed_seq_length is None,
             **settings))
-        used = load_hf_weights(chunks, hf_sd, state)
+        used = load_hf_weights(chunks, hf_sd, run_state)
         model = unwrap(chunks[0])
         if ddp:  # training's path: grads in main_grad, reduced by megatron's finalize_model_grads
             from megatron.core.distributed import (
@@ -172,7 +178,7 @@ LAUNCHES = {
     "tp2pp1": (2, dict(tp=2, pp=1), ALL_RUNS, None),
     # + an uneven split: the first stage (which also runs the ViT) holds 1 of the 4 LM layers
     "tp1pp2": (2, dict(tp=1, pp=2), ALL_RUNS + [
-        ("untied", "tp", {"num_layers_in_first_pipeline_stage": 1}, "first_stage_1_layer")],
+        ("untied", "tp", {"decoder_first_pipeline_num_layers": 1}, "first_stage_1_layer")],
         None),
     # + megatron's DDP and finalize_model_grads doing the reductions (tied copies, replicated ViT)
     "tp2pp2": (4, dict(tp=2, pp=2), ALL_RUNS + [
@@ -271,7 +277,7 @@ def _bf16_check(state, root):
     path = os.path.join(root, "tied")
     case = tiny_qwen.load_case(path)
     (chunk,) = build_qwen2_5_vl(path, state, Qwen25VLModelConfig(
-        dtype="bf16", vision_parallel_mode="dp_in_tp"))
+        bf16=True, vision_parallel_mode="dp_in_tp"))
     load_hf_weights([chunk], read_hf_state_dict(path), state)
     out = {}
     rope_cfg = MRopeIndexConfig.from_hf(load_hf_config(path))

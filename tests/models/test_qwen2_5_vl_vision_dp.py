@@ -10,9 +10,10 @@ linear "encoder" whose weight is replicated). fp32, exact up to summation order 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
 from megatron_cppo.models.qwen2_5_vl.vision_dp import split_images
 
 
@@ -70,6 +71,7 @@ def _gather_check(ranks):
     return fwd_err, grad_err, zero_ok
 
 
+@pytest.mark.slow
 def test_gather_rows_forward_backward():
     for fwd_err, grad_err, zero_ok in run_on_ranks(_gather_check, 2, megatron=False, timeout=120):
         assert fwd_err <= 1e-6 and grad_err <= 1e-6 and zero_ok

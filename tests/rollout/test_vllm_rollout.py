@@ -29,13 +29,14 @@ import torch
 
 pytest.importorskip("vllm")
 
-from distributed import run_on_ranks  # noqa: E402
-import tiny_vl  # noqa: E402
-
+from helpers import tiny_vl  # noqa: E402
+from helpers.distributed import run_on_ranks  # noqa: E402
 from megatron_cppo.rollout import RefitError, RolloutConfig, RolloutItem, SamplingConfig  # noqa: E402
 from megatron_cppo.rollout.evaluate import chat_prompt, evaluate, load_eval_records  # noqa: E402
 from megatron_cppo.rollout.metrics import rollout_vs_train_logprob_diff  # noqa: E402
 from megatron_cppo.rollout.process import EngineProcess  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a vLLM engine
 
 TOL_LOGPROB = 1e-4  # fp32 both sides; measured <= 1.9e-6 (before the refit: 1.3-2.7)
 BUCKET_BYTES = 100_000
@@ -50,8 +51,8 @@ def env(tmp_path_factory):
 
     processor = AutoProcessor.from_pretrained(ckpt)
     config = RolloutConfig(model_path=ckpt, dtype="float32", max_model_len=512, max_num_seqs=8,
-                           verify_refit=True,
-                           sampling=SamplingConfig(n=2, temperature=1.0, max_new_tokens=8))
+                           verify_refit=True, n_samples_per_prompt=2, rollout_temperature=1.0,
+                           max_response_length=8)
     engine = EngineProcess(config)
     items = [RolloutItem(prompt=chat_prompt(processor, q, True), image=tiny_vl.image(i))
              for i, q in enumerate(QUESTIONS)]

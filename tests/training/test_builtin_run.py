@@ -22,6 +22,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the commands users type, end to end
+
 pytest.importorskip("vllm")
 
 

@@ -1,7 +1,7 @@
 """Trainer flags: every bad value or combination the trainer refuses gives one ValueError naming the
-flag (table-driven, in-process); YAML and flags combine with flags winning; the flag surface keeps
-Megatron-LM's spellings. Not proven here: that every setting reaches the code that uses it (the
-trainer tests do that for the settings they exercise)."""
+flag (table-driven, in-process); YAML and flags combine with flags winning; each section is the
+component's own config (no second vocabulary); the flag surface keeps Megatron-LM's spellings.
+The frozen flag set and the proof that every flag reaches its component: test_flags.py."""
 
 import pytest
 
@@ -53,7 +53,8 @@ BAD = [
     (["--n-samples-per-prompt", "1", "--global-batch-size", "8", "--micro-batch-size", "2"],
      "--n-samples-per-prompt"),
     (["--rollout-temperature", "0"], "--rollout-temperature"),
-    (["--rollout-top-p", "0.9"], "--rollout-top-p"),
+    (["--rollout-top-p", "0"], "--rollout-top-p"),
+    (["--rollout-top-p", "1.5"], "--rollout-top-p"),
     (["--max-prompt-length", "0"], "--max-prompt-length"),
     (["--max-response-length", "-5"], "--max-response-length"),
     (["--rollout-gpu-memory-utilization", "1.5"], "--rollout-gpu-memory-utilization"),
@@ -111,8 +112,7 @@ def test_yaml_sets_flags_and_command_line_wins(tmp_path):
     assert cfg.parallel.tensor_model_parallel_size == 2
     assert cfg.optimizer.lr == 5e-6
     assert cfg.loss.cpl_gating is False and cfg.model.bf16 is True
-    assert cfg.loss_config().kl_loss_type == "k1"
-    assert cfg.loss_config().advantage_gating is False
+    assert cfg.loss.kl_estimator == "k1"
 
 
 def test_yaml_errors_name_the_file_and_key(tmp_path):
@@ -127,40 +127,31 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
         parse_config(["--config", str(tmp_path / "missing.yaml")])
 
 
-def test_loss_config_maps_every_cppo_flag():
-    cfg = parse_config(["--kl-coef", "0.02", "--kl-estimator", "k2", "--cpl-coef", "0.05",
-                        "--cpl-tau", "0.2", "--cpl-top-percent", "0.3", "--no-cpl-gating",
-                        "--clip-ratio-low", "0.1", "--clip-ratio-high", "0.28",
-                        "--clip-ratio-c", "5", "--loss-agg-mode", "seq-mean-token-mean",
-                        "--entropy-coef", "0.001"])
-    lc = cfg.loss_config()
-    assert (lc.kl_loss_coef, lc.kl_loss_type, lc.cpl_coef, lc.cpl_tau, lc.cpl_top_percent,
-            lc.advantage_gating, lc.clip_ratio_low, lc.clip_ratio_high, lc.clip_ratio_c,
-            lc.loss_agg_mode, lc.entropy_coef) == (0.02, "k2", 0.05, 0.2, 0.3, False, 0.1,
-                                                   0.28, 5.0, "seq-mean-token-mean", 0.001)
-
-
-def test_recompute_and_packing_reach_the_model_settings():
-    """Full recomputation without method / layer count takes Megatron's most frugal setting
-    (every layer); the flags reach the model build; packing (on by default) reaches the update
-    context."""
-    from megatron_cppo.training.model import model_settings
+def test_sections_are_the_components_configs():
+    """The parsed sections are the components' own config classes, handed over as they are: the
+    loss, the model build, the parallel layout, the rollout and the data read the same objects
+    (one name per setting from the flag to the code)."""
+    from megatron_cppo.algorithms import CPPOLoss, CPPOLossConfig
+    from megatron_cppo.data import DataConfig
+    from megatron_cppo.models.qwen2_5_vl import Qwen25VLModelConfig
+    from megatron_cppo.parallel import ParallelConfig
+    from megatron_cppo.rollout import RolloutConfig
     from megatron_cppo.training.update import UpdateContext
 
-    cfg = parse_config(["--recompute-granularity", "full"])
+    cfg = parse_config(["--kl-coef", "0.02", "--kl-estimator", "k2", "--cpl-coef", "0.05",
+                        "--cpl-tau", "0.2", "--cpl-top-percent", "0.3", "--no-cpl-gating",
+                        "--recompute-granularity", "full", "--no-sequence-packing"])
+    assert type(cfg.loss) is CPPOLossConfig and type(cfg.model) is Qwen25VLModelConfig
+    assert type(cfg.parallel) is ParallelConfig and type(cfg.rollout) is RolloutConfig
+    assert type(cfg.data) is DataConfig
+    assert CPPOLoss(cfg.loss).config is cfg.loss
+    assert (cfg.loss.kl_coef, cfg.loss.kl_estimator, cfg.loss.cpl_gating) == (0.02, "k2", False)
+    # full recomputation without method / layer count: Megatron's most frugal setting
     assert (cfg.model.recompute_method, cfg.model.recompute_num_layers) == ("uniform", 1)
-    settings = model_settings(cfg)
-    assert (settings.recompute_granularity, settings.recompute_method,
-            settings.recompute_num_layers) == ("full", "uniform", 1)
-    block = model_settings(parse_config(["--recompute-granularity", "full", "--recompute-method",
-                                         "block", "--recompute-num-layers", "3"]))
-    assert (block.recompute_method, block.recompute_num_layers) == ("block", 3)
-    selective = model_settings(parse_config(["--recompute-granularity", "selective"]))
-    assert (selective.recompute_granularity, selective.recompute_method) == ("selective", None)
     ctx = UpdateContext.from_config(cfg, state=None, rope_cfg=None, valid_vocab=10)
-    assert ctx.sequence_packing and ctx.micro_batch_size == cfg.optimizer.micro_batch_size
-    assert not UpdateContext.from_config(parse_config(["--no-sequence-packing"]), state=None,
-                                         rope_cfg=None, valid_vocab=10).sequence_packing
+    assert not ctx.sequence_packing and ctx.micro_batch_size == cfg.training.micro_batch_size
+    assert UpdateContext.from_config(parse_config([]), state=None, rope_cfg=None,
+                                     valid_vocab=10).sequence_packing
 
 
 def test_megatron_spellings_present():
@@ -188,8 +179,8 @@ def test_example_configs_parse(name, worlds):
 
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / name
     cfg = parse_config(["--config", str(path)])
-    assert cfg.mini_batches_per_step == 8 and cfg.loss_config().cpl_coef == 0.01
-    assert cfg.optimizer.sequence_packing and cfg.optimizer.max_tokens_per_microbatch
+    assert cfg.mini_batches_per_step == 8 and cfg.loss.cpl_coef == 0.01
+    assert cfg.training.sequence_packing and cfg.training.max_tokens_per_microbatch
     for world in worlds:
         check_world(cfg, world)
 
@@ -199,5 +190,5 @@ def test_switch_off_flags_say_so():
     actions = {s: a for a in build_parser()._actions for s in a.option_strings}
     for name in ("--no-sequence-packing", "--no-cpl-gating", "--no-batch-p2p-comm"):
         assert actions[name].help.startswith("turn off (on by default): "), name
-    assert not parse_config(["--no-sequence-packing"]).optimizer.sequence_packing
-    assert parse_config([]).optimizer.sequence_packing
+    assert not parse_config(["--no-sequence-packing"]).training.sequence_packing
+    assert parse_config([]).training.sequence_packing

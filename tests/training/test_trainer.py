@@ -1,4 +1,4 @@
-"""The whole trainer loop (training/loop.py) on a tiny Qwen2.5-VL with a recorded rollout, in one
+"""The whole trainer (training/run.py's phases over training/builder.py's run) on a tiny Qwen2.5-VL with a recorded rollout, in one
 2-rank launch at (tp, pp) = (1, 2), with the distributed optimizer (its checkpoint path is the
 fragile one in megatron-core 0.16.1).
 
@@ -20,25 +20,27 @@ Proven:
 Not proven: learning (the recorded rollout does not depend on the weights), vLLM.
 """
 
+import contextlib
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models"))
-import recorded  # noqa: E402
-import tiny_qwen  # noqa: E402
+from helpers import recorded
+from helpers import tiny_qwen
+
+pytestmark = pytest.mark.slow  # trainer runs on 2 ranks
 
 TIMING = ("time/", "tokens_per_s", "update_tokens_per_s")
 
 
 def _argv(hf, save, *extra):
-    return ["--hf-dir", hf, "--pipeline-model-parallel-size", "2", "--rollout-batch-size", "2",
+    # --data-path: the recorded prompts stand in for it (it must exist: no built-in data is made)
+    return ["--hf-dir", hf, "--data-path", hf + "/config.json",
+            "--pipeline-model-parallel-size", "2", "--rollout-batch-size", "2",
             "--n-samples-per-prompt", "4", "--global-batch-size", "4", "--micro-batch-size", "2",
             "--lr", "1e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
             "--min-lr", "1e-4", "--cpl-coef", "0.5", "--rollout-temperature", "0.8",
@@ -47,20 +49,46 @@ def _argv(hf, save, *extra):
 
 
 def _plugins(table):
-    from megatron_cppo.training.loop import Plugins
+    from megatron_cppo.training.plugins import Plugins
 
-    def make(cfg, state, hf_config):
+    def make(cfg, start, state):
         return Plugins(rollout=recorded.RecordedRollout(table),
-                       prompts=recorded.RecordedPrompts(len(table)),
-                       reward_fn=recorded.parity_reward, valid_vocab=1500, val_prompts=[0, 1])
+                       prompts=recorded.RecordedPrompts(table), reward_fn=recorded.parity_reward,
+                       valid_vocab=1500, val_prompts=[recorded.prompt_item(table, p)
+                                                      for p in (0, 1)])
 
     return make
 
 
+@contextlib.contextmanager
+def _counting_metadata_reads():
+    """The checkpoint-metadata reads of a run (every module that reads it, patched)."""
+    import megatron_cppo.checkpoint.store as store
+    import megatron_cppo.training.start as start
+
+    reads, originals = [], {m: m.read_meta for m in (store, start)}
+
+    def counting(path):
+        reads.append(os.path.basename(os.path.normpath(str(path))))
+        return originals[start](path)
+
+    for m in originals:
+        m.read_meta = counting
+    try:
+        yield reads
+    finally:
+        for m, f in originals.items():
+            m.read_meta = f
+
+
 def _runs(ranks, hf, root):
     import megatron_cppo.training.checkpoint as ckpt
-    from megatron_cppo.training.config import parse_config
-    from megatron_cppo.training.loop import run
+    from megatron_cppo.training.config import parse_config, replace
+    from megatron_cppo.training.run import run as run_phases
+    from megatron_cppo.training.start import resolve_start
+
+    def run(cfg, make_plugins):
+        return run_phases(*resolve_start(cfg), make_plugins)
 
     table = recorded.record_rollout()
     out = {}
@@ -91,15 +119,20 @@ def _runs(ranks, hf, root):
         torch.save = original
     out["latest_after_failure"] = open(os.path.join(half, "latest")).read().strip()
     out["partials"] = ckpt.list_partial(half)
-    out["second_half"] = run(parse_config(_argv(hf, half, "--train-iters", "4", "--load", half)),
-                             _plugins(table))
+    with _counting_metadata_reads() as reads:
+        out["second_half"] = run(parse_config(_argv(hf, half, "--train-iters", "4", "--load",
+                                                    half)), _plugins(table))
+    out["second_half_meta_reads"] = list(reads)
     # the model at another layout (weights only, fresh optimizer): one step's old log-probs
     other = parse_config(_argv(hf, os.path.join(root, "other"), "--train-iters", "1",
                                "--load", os.path.join(full, "iter_0000002"), "--no-load-optim",
                                "--max-tokens-per-microbatch", "120", "--no-sequence-packing",
                                "--recompute-granularity", "full"))
-    other.parallel.tensor_model_parallel_size, other.parallel.pipeline_model_parallel_size = 2, 1
-    out["other_layout"] = run(other, _plugins(table))
+    other = replace(other, parallel=dict(tensor_model_parallel_size=2,
+                                         pipeline_model_parallel_size=1))
+    with _counting_metadata_reads() as reads:  # the reference: a copy of the loaded policy
+        out["other_layout"] = run(other, _plugins(table))
+    out["other_layout_meta_reads"] = list(reads)
     # what GPU runs use: bf16 weights and activations (fp32 main weights and gradient buffers in
     # megatron's optimizer), packed micro-batches (the default); 2 steps and a save
     out["bf16"] = run(parse_config(_argv(hf, os.path.join(root, "bf16"), "--train-iters", "2",
@@ -141,7 +174,7 @@ def test_run_completes_with_finite_metrics_and_outputs(runs):
     assert all("val_acc" not in m for m in full[:-1])
     assert (root / "full" / "curves.png").stat().st_size > 1000
     assert (root / "full" / "samples.jsonl").is_file()
-    from megatron_cppo.convert.checkpoint import read_meta
+    from megatron_cppo.checkpoint import read_meta
 
     assert read_meta(str(root / "full" / "iter_0000004")).pp == 2
     assert (root / "full" / "latest").read_text().strip() == "iter_0000004"
@@ -150,7 +183,7 @@ def test_run_completes_with_finite_metrics_and_outputs(runs):
 def test_converter_exports_a_training_checkpoint(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from megatron_cppo.convert.checkpoint import megatron_to_hf
+    from megatron_cppo.convert.conversions import megatron_to_hf
 
     root, _ = runs
     megatron_to_hf(str(root / "full" / "iter_0000004"), str(tmp_path / "hf"), progress=False)
@@ -176,9 +209,21 @@ def test_resume_is_bit_identical(runs):
 def test_failed_save_keeps_previous_checkpoint(runs):
     _, per_rank = runs
     for rank in per_rank:
-        assert "disk full" in rank["failed_save"] or "another rank failed" in rank["failed_save"]
+        # rank 1 raises its own error, rank 0 one naming rank 1 and its error
+        assert "disk full" in rank["failed_save"]
         assert rank["latest_after_failure"] == "iter_0000002"
         assert len(rank["partials"]) == 1  # left behind, removed by the next save
+    assert per_rank[0]["failed_save"].startswith("rank 1 failed while saving the checkpoint")
+
+
+def test_the_start_point_is_read_once(runs):
+    """--load reads the checkpoint's metadata once per rank (training/start.py), not once per
+    consumer; the reference of a run that starts from the loaded weights is copied from the
+    policy, not read from disk again."""
+    _, per_rank = runs
+    for rank in per_rank:
+        assert rank["second_half_meta_reads"] == ["iter_0000002"]  # the latest of "half"
+        assert rank["other_layout_meta_reads"] == ["iter_0000002"]
 
 
 def test_model_reloads_at_another_layout(runs):

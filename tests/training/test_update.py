@@ -20,16 +20,13 @@ the token-budget partition.
 Not proven here: bf16, VPP, the distributed optimizer's numerics (it is built at (2, 1)).
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models"))
-import tiny_qwen  # noqa: E402
+from helpers import tiny_qwen
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -39,7 +36,7 @@ VALID_VOCAB = 1500
 
 def make_samples(seed: int = 0):
     """2 prompts x 4 responses: prompt 0 with a 4x6-patch image (6 image tokens), prompt 1 text."""
-    from megatron_cppo.training.batch import Sample
+    from megatron_cppo.data.types import Sample
 
     g = torch.Generator().manual_seed(seed)
     text = lambda n: torch.randint(2, tiny_qwen.TEXT_TOKENS, (n,), generator=g)  # noqa: E731
@@ -107,8 +104,9 @@ def _layout(tp, pp, path, batch_file):
         samples, noise = rec["samples"], rec["noise"]
         hf_sd = read_hf_state_dict(path)
         settings = Qwen25VLModelConfig()
-        policy = build_policy(path, state, settings, OptimizerConfig(lr=1e-3, clip_grad=1.0),
-                              use_distributed_optimizer=(tp, pp) == (2, 1), hf_state_dict=hf_sd)
+        optim = OptimizerConfig(lr=1e-3, clip_grad=1.0,
+                                use_distributed_optimizer=(tp, pp) == (2, 1))
+        policy = build_policy(path, state, settings, optim, hf_state_dict=hf_sd)
         ref = build_reference(path, state, settings, hf_state_dict=hf_sd)
         dp_share = len(samples) // state.dp_size
         ctx = _ctx(state, path, micro_batch_size=2)
@@ -148,7 +146,7 @@ def _main_grads(chunks):
 
 def _grads_of(policy, microbatches, head):
     """(per-micro-batch metrics, main grads) of one schedule call, from zeroed buffers."""
-    from megatron_cppo.training.forward_step import run_pipeline
+    from megatron_cppo.models.qwen2_5_vl.forward_step import run_pipeline
 
     for c in policy.chunks:
         c.zero_grad_buffer()
@@ -251,6 +249,7 @@ def runs(tmp_path_factory):
             for i, r in enumerate(per_rank[0])}
 
 
+@pytest.mark.slow
 def test_old_log_probs_equal_across_layouts(runs):
     ref = torch.tensor(sum(runs[(1, 1)][0]["old"], []))
     for layout in LAYOUTS[1:]:
@@ -259,6 +258,7 @@ def test_old_log_probs_equal_across_layouts(runs):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_old_log_probs_equal_transformers(runs):
     """The response log-probs of the log-prob pass (logits at response positions only,
     temperature, valid vocabulary) equal transformers' log_softmax over the full logits of the
@@ -287,6 +287,7 @@ def _rope_cfg():
     return MRopeIndexConfig.from_hf(tiny_qwen.hf_config(tied=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_loss_and_grad_norm_equal_across_layouts(runs, layout):
     ref = runs[(1, 1)][0]
@@ -299,6 +300,7 @@ def test_loss_and_grad_norm_equal_across_layouts(runs, layout):
         assert rec["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_packed_micro_batches_equal_padded(runs, layout):
     """Packed micro-batches: the same old log-probs, per-micro-batch losses and gradients as padded
@@ -315,6 +317,7 @@ def test_packed_micro_batches_equal_padded(runs, layout):
     assert last_stages >= 1
 
 
+@pytest.mark.slow
 def test_loss_scale_rule(runs):
     for rec in runs[(1, 2)]:
         scale = rec["scale"]
@@ -322,6 +325,7 @@ def test_loss_scale_rule(runs):
         assert scale["diff"] <= 1e-5 * scale["scale"] + 1e-7, scale
 
 
+@pytest.mark.slow
 def test_sft_step_lowers_the_response_nll(runs):
     """The warm start (training/sft.py) on the same batch: the response NLL, averaged over both
     data-parallel ranks, falls step after step."""
@@ -331,6 +335,7 @@ def test_sft_step_lowers_the_response_nll(runs):
         assert rec["sft"][0]["response_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_everywhere(runs):
     for rec in runs[(2, 1)]:
         assert rec["skip"] == dict(stepped=False, unchanged=True)
@@ -405,34 +410,31 @@ def test_token_budget_partition():
 
 
 def test_sample_from_a_data_prompt_and_the_reward_adapter():
-    """The adapters the rollout engine and the trainer use around megatron_cppo.data / .rewards
-    (a duck-typed prompt item with the data package's field names)."""
-    from types import SimpleNamespace
-
+    """The records and adapters around megatron_cppo.data / .rewards: ``Sample.from_prompt`` of a
+    ``PromptItem`` carries its ids, views, ground truth and row index, with the M-RoPE ids
+    extended over the response exactly as computing them on the whole sequence; the reward
+    adapter grades against the carried ground truth."""
+    from megatron_cppo.data.types import PromptItem, Sample
     from megatron_cppo.models.qwen2_5_vl import MRopeIndexConfig, mrope_position_ids
     from megatron_cppo.rewards import cppo_reward
-    from megatron_cppo.training.batch import Sample
-    from megatron_cppo.training.trainer import reward_fn_from
+    from megatron_cppo.training.plugins import reward_fn_from
 
     rope = MRopeIndexConfig(image_token_id=tiny_qwen.IMAGE, video_token_id=tiny_qwen.VIDEO,
                             spatial_merge_size=2)
     s0 = make_samples()[0]
     pos, delta = mrope_position_ids(s0.prompt_ids, rope, image_grid_N3=s0.image_grid_thw)
-
-    def with_response(r):
-        tail = (s0.prompt_ids.numel() + delta + torch.arange(r)).expand(3, -1)
-        return torch.cat([pos, tail], dim=1)
-
-    item = SimpleNamespace(input_ids=s0.prompt_ids, pixel_values=s0.pixel_values,
-                           image_grid_thw=s0.image_grid_thw, pixel_values_plus=s0.plus_pixel_values,
-                           pixel_values_minus=s0.minus_pixel_values, ground_truth="4", index=7,
-                           position_ids_with_response=with_response)
+    item = PromptItem(index=7, epoch=0, data_source="t", prompt="", prompt_ids=s0.prompt_ids,
+                      prompt_position_ids=pos, rope_delta=delta, image_grid_thw=s0.image_grid_thw,
+                      pixel_values=s0.pixel_values, plus_pixel_values=s0.plus_pixel_values,
+                      minus_pixel_values=s0.minus_pixel_values, images=[], plus_images=[],
+                      minus_images=[], perturbation_kinds=[], ground_truth="4")
     smp = Sample.from_prompt(item, s0.response_ids, group_id=3,
-                             response_text="<think>2+2</think> \\boxed{4}")
+                             response_text="<think>2+2</think> \\boxed{4}", finish_reason="stop")
     full = torch.cat([s0.prompt_ids, s0.response_ids])
     assert torch.equal(smp.position_ids,
                        mrope_position_ids(full, rope, image_grid_N3=s0.image_grid_thw)[0])
     assert smp.has_perturbed_views and smp.group_id == 3
+    assert (smp.index, smp.ground_truth, smp.finish_reason) == (7, "4", "stop")
     wrong = Sample.from_prompt(item, s0.response_ids, group_id=3, response_text="\\boxed{5}")
     scores = reward_fn_from(cppo_reward)([smp, wrong])
     assert scores[0]["reward"] == pytest.approx(1.0) and scores[0]["acc"] == 1.0

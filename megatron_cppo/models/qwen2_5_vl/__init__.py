@@ -1,7 +1,8 @@
 """Qwen2.5-VL on megatron-core (tensor and pipeline parallel), numerically equal to transformers'
 ``Qwen2_5_VLForConditionalGeneration``.
 
-  config.py     HF config -> dimensions, our settings, layout validation, TransformerConfigs
+  config.py     HF config -> dimensions, Qwen25VLModelConfig (the model flags), layout
+                validation, TransformerConfigs
   rope_index.py M-RoPE position ids (data side, HF semantics)
   vision.py     the ViT (window/full attention, 2-D rotary, patch merger)
   model.py      one model chunk: ViT + splice + GPTModel
@@ -9,6 +10,8 @@
   vision_dp.py  the replicated ViT inside the TP group ("dp_in_tp")
   mapping.py    HF <-> megatron name table and reversible transforms (the converter's source)
   builder.py    build chunks for a layout, load / export HF weights
+  forward_step.py  run_pipeline: the model's step under megatron's pipeline schedule (the
+                trainer's passes, the converter's verify, the model tests)
 """
 
 from megatron_cppo.models.qwen2_5_vl.builder import (

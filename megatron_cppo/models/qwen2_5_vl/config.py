@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from megatron_cppo.options import bad, check_bool, check_choice, check_int, option
 from megatron_cppo.parallel.state import ParallelConfig, check_model_divisibility
 
 # HF code constants (not config fields): Qwen2_5_VLVisionBlock.norm1/norm2 and PatchMerger.ln_q.
@@ -28,7 +29,6 @@ VISION_RMSNORM_EPS = 1e-6
 
 VISION_PARALLEL_MODES = ("auto", "tp", "dp_in_tp")
 ATTENTION_CHOICES = ("auto", "torch", "local")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,19 +181,33 @@ def load_hf_config(source: Union[str, os.PathLike, Any]):
 
 @dataclass(kw_only=True)
 class Qwen25VLModelConfig:
-    """Settings of the megatron model that the HF config does not fix."""
+    """Settings of the megatron model that the HF config does not fix. The option fields are
+    trainer flags (``--vision-parallel-mode``, ``--bf16``, ``--recompute-*``; the converter takes
+    ``--vision-parallel-mode`` too); the others are set by code. The pipeline split is part of the
+    layout: ``ParallelConfig.decoder_first/last_pipeline_num_layers``."""
 
     # "tp": the ViT is sharded over the TP group (TP must divide heads, MLP width, merger width);
     # "dp_in_tp": ViT weights replicated, images divided across the TP ranks, merged embeddings
     # all-gathered, ViT gradients reduced over TP. "auto": "tp" if TP < 4 and it divides, else
     # "dp_in_tp" (the ViT is ~5% of the FLOPs; sharding it 4+ ways mostly adds collectives).
-    vision_parallel_mode: str = "auto"
-    # Uneven pipeline split (Megatron-LM's --decoder-first/last-pipeline-num-layers): the first
-    # stage also runs the ViT, so it may hold fewer LM layers. Both None and PP not dividing the
-    # layers: validate_layout chooses a split (ResolvedLayout.split_note says which).
-    num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
-    dtype: str = "fp32"  # "fp32" or "bf16" (bf16: chunks are wrapped in a Float16Module)
+    vision_parallel_mode: str = option(
+        "auto", "ViT parallelism: tp (sharded over the TP group), dp_in_tp (weights replicated, "
+                "images divided over the TP ranks) or auto (tp below TP 4 where it divides)")
+    bf16: bool = option(False, "bf16 parameters and activations (fp32 otherwise)")
+    # Activation recomputation of the language model (Megatron-LM's options): "selective" (core
+    # attention recomputed in backward) or "full" (whole layers; then method "uniform" (groups of
+    # recompute_num_layers layers) or "block" (the first recompute_num_layers layers of each
+    # pipeline stage), defaults uniform / 1 = every layer, the least memory).
+    recompute_granularity: Optional[str] = option(
+        None, "activation recomputation of the language model: selective (core attention) or "
+              "full (whole layers)")
+    recompute_method: Optional[str] = option(
+        None, "with --recompute-granularity full: uniform (every layer, in groups of "
+              "--recompute-num-layers) or block (the first --recompute-num-layers layers of each "
+              "pipeline stage); default uniform")
+    recompute_num_layers: Optional[int] = option(
+        None, "with --recompute-granularity full: layers per group (uniform) or per stage "
+              "(block); default 1")
     # Micro-batches of different sequence lengths across PP stages (megatron exchanges shapes).
     variable_seq_lengths: bool = True
     # Random initialisation (benchmarks); off when HF weights are loaded afterwards.
@@ -203,52 +217,34 @@ class Qwen25VLModelConfig:
     # flash / varlen kernels on CUDA in bf16, SDPA elsewhere; packed sequences supported) or
     # "local" (megatron's DotProductAttention: padded rows only, materialises S x S scores).
     attention: str = "auto"
-    # Activation recomputation of the language model (megatron's options, as the trainer's
-    # --recompute-granularity / --recompute-method / --recompute-num-layers): granularity
-    # "selective" (core attention recomputed in backward) or "full" (whole layers; then method
-    # "uniform" (groups of recompute_num_layers layers) or "block" (the first
-    # recompute_num_layers layers of each pipeline stage) and recompute_num_layers are required).
-    recompute_granularity: Optional[str] = None
-    recompute_method: Optional[str] = None
-    recompute_num_layers: Optional[int] = None
 
     def __post_init__(self):
-        if self.vision_parallel_mode not in VISION_PARALLEL_MODES:
-            raise ValueError(f"vision_parallel_mode must be one of {VISION_PARALLEL_MODES}, got "
-                             f"{self.vision_parallel_mode!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
-        for name in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        check_choice(self, "vision_parallel_mode", VISION_PARALLEL_MODES)
+        check_bool(self, "bf16")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got "
                              f"{self.attention!r}")
-        self._validate_recompute()
+        check_choice(self, "recompute_granularity", ("full", "selective"), optional=True)
+        check_choice(self, "recompute_method", ("uniform", "block"), optional=True)
+        check_int(self, "recompute_num_layers", 1, optional=True)
+        if self.recompute_granularity != "full":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    raise bad(name, "applies to --recompute-granularity full only")
+        else:  # Megatron-LM requires both; the defaults recompute every layer (least memory)
+            if self.recompute_method is None:
+                self.recompute_method = "uniform"
+            if self.recompute_num_layers is None:
+                self.recompute_num_layers = 1
 
-    def _validate_recompute(self) -> None:
-        granularity, method, num = (self.recompute_granularity, self.recompute_method,
-                                    self.recompute_num_layers)
-        if granularity not in (None, "selective", "full"):
-            raise ValueError(f"recompute_granularity must be None, 'selective' or 'full', got "
-                             f"{granularity!r}")
-        if method not in (None, "uniform", "block"):
-            raise ValueError(f"recompute_method must be None, 'uniform' or 'block', got "
-                             f"{method!r}")
-        if num is not None and (not isinstance(num, int) or num < 1):
-            raise ValueError(f"recompute_num_layers must be a positive integer or None, got "
-                             f"{num!r}")
-        if granularity == "full" and (method is None or num is None):
-            raise ValueError("recompute_granularity 'full' needs recompute_method ('uniform' or "
-                             "'block') and recompute_num_layers")
-        if granularity != "full" and (method is not None or num is not None):
-            raise ValueError("recompute_method / recompute_num_layers apply only to "
-                             "recompute_granularity 'full'")
+    @property
+    def dtype(self) -> str:
+        """The short name of the parameter dtype (``megatron_cppo.dtypes``): "bf16" or "fp32"."""
+        return "bf16" if self.bf16 else "fp32"
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.bf16 else torch.float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,14 +259,15 @@ class ResolvedLayout:
     padded_vocab_size: int
     # the pipeline split in force (None, None: even); chosen here when PP does not divide the
     # language model's layers and none was given (split_note then says which)
-    num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
     split_note: Optional[str] = None
 
     @property
     def pipeline_split(self) -> dict:
-        return dict(num_layers_in_first_pipeline_stage=self.num_layers_in_first_pipeline_stage,
-                    num_layers_in_last_pipeline_stage=self.num_layers_in_last_pipeline_stage)
+        """The split as ``ParallelConfig`` keyword arguments."""
+        return dict(decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
+                    decoder_last_pipeline_num_layers=self.decoder_last_pipeline_num_layers)
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -293,7 +290,7 @@ def validate_layout(dims: Qwen25VLDims, settings: Qwen25VLModelConfig,
     if parallel.sequence_parallel:
         raise ValueError("sequence_parallel is not supported by the Qwen2.5-VL model (image "
                          "features are spliced into the full sequence on the first stage)")
-    first, last, note = _resolve_pipeline_split(t.num_layers, pp, vpp, settings)
+    first, last, note = _resolve_pipeline_split(t.num_layers, pp, vpp, parallel)
     if vpp is not None and settings.variable_seq_lengths:
         # measured on gloo (megatron-core 0.16.1, PP=2 x VPP=2): the interleaved schedule's shape
         # exchange mismatches ("Received data size doesn't match expected size") and aborts.
@@ -315,8 +312,8 @@ def validate_layout(dims: Qwen25VLDims, settings: Qwen25VLModelConfig,
     return ResolvedLayout(tp_size=tp, pp_size=pp, vpp_size=vpp, vision_parallel_mode=mode,
                           vision_tp_size=tp if mode == "tp" else 1,
                           padded_vocab_size=padded_vocab_size(t.vocab_size, tp),
-                          num_layers_in_first_pipeline_stage=first,
-                          num_layers_in_last_pipeline_stage=last, split_note=note)
+                          decoder_first_pipeline_num_layers=first,
+                          decoder_last_pipeline_num_layers=last, split_note=note)
 
 
 def stage_layer_counts(num_layers: int, pp: int, first: Optional[int],
@@ -353,12 +350,12 @@ def choose_pipeline_split(num_layers: int, pp: int) -> tuple[Optional[int], Opti
 
 
 def _resolve_pipeline_split(num_layers: int, pp: int, vpp: Optional[int],
-                            settings: Qwen25VLModelConfig
+                            parallel: ParallelConfig
                             ) -> tuple[Optional[int], Optional[int], Optional[str]]:
     """(first, last, note): the given split validated, or one chosen when PP does not divide the
     layers and none was given (note says which)."""
-    first = settings.num_layers_in_first_pipeline_stage
-    last = settings.num_layers_in_last_pipeline_stage
+    first = parallel.decoder_first_pipeline_num_layers
+    last = parallel.decoder_last_pipeline_num_layers
     if first is None and last is None:
         stages = pp * (vpp or 1)
         if num_layers % stages == 0:
@@ -372,21 +369,15 @@ def _resolve_pipeline_split(num_layers: int, pp: int, vpp: Optional[int],
         counts = stage_layer_counts(num_layers, pp, first, last)
         note = (f"pipeline-model-parallel-size {pp} does not divide the language model's "
                 f"{num_layers} layers: using layers per stage {counts} "
-                f"(num_layers_in_first_pipeline_stage={first}"
-                + (f", num_layers_in_last_pipeline_stage={last}" if last is not None else "")
+                f"(--decoder-first-pipeline-num-layers {first}"
+                + (f", --decoder-last-pipeline-num-layers {last}" if last is not None else "")
                 + "; set them to choose another split)")
         return first, last, note
-    if pp == 1:
-        raise ValueError("num_layers_in_first/last_pipeline_stage need "
-                         "pipeline_model_parallel_size > 1")
-    if vpp is not None:
-        raise ValueError("an uneven pipeline split (num_layers_in_first/last_pipeline_stage) is "
-                         "not supported with virtual pipeline parallelism")
     if stage_layer_counts(num_layers, pp, first, last) is None:
         fixed = [x for x in (first, last) if x is not None]
         rest_layers, rest_stages = num_layers - sum(fixed), pp - len(fixed)
         raise ValueError(
-            f"num_layers_in_first_pipeline_stage {first} / num_layers_in_last_pipeline_stage "
+            f"--decoder-first-pipeline-num-layers {first} / --decoder-last-pipeline-num-layers "
             f"{last} leave {rest_layers} of {num_layers} language-model layers for {rest_stages} "
             f"other pipeline stages: they must split evenly, at least one layer per stage")
     return first, last, None
@@ -430,8 +421,8 @@ def language_transformer_config(dims: Qwen25VLDims, settings: Qwen25VLModelConfi
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=layout.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=layout.num_layers_in_last_pipeline_stage,
+        num_layers_in_first_pipeline_stage=layout.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=layout.decoder_last_pipeline_num_layers,
         sequence_parallel=False,
         # Only the pipeline p2p reads it; megatron refuses it with its default MoE dispatcher even
         # in a dense model, hence the (unused) alltoall dispatcher.

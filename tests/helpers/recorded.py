@@ -1,9 +1,11 @@
 """Recorded plug-ins for trainer tests: replay a fixed rollout instead of sampling.
 
-``RecordedRollout`` returns, for each prompt index, the same recorded responses every time (it
-cannot sample: the policy's weights do not change them), so these tests prove the update, the
-bookkeeping and the checkpoints, never learning. ``RecordedPrompts`` walks prompt indices with a
-position that checkpoints save. ``parity_reward`` is a deterministic function of the response.
+``RecordedRollout`` returns, for each prompt (by its row index), the same recorded responses every
+time (it cannot sample: the policy's weights do not change them), so these tests prove the update,
+the bookkeeping and the checkpoints, never learning. ``RecordedPrompts`` walks the recorded prompts
+(``PromptItem``s made from the table) with a position that checkpoints save. ``parity_reward`` is
+a deterministic function of the response. All three pass the plug-in contract tests
+(test_plugin_contracts.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import copy
 
 import torch
 
-from megatron_cppo.training.batch import Sample
+from megatron_cppo.data.types import PromptItem, Sample
 
 VISION_START, VISION_END, IMAGE = 1500, 1501, 1502
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -44,13 +46,31 @@ def record_rollout(num_prompts: int = 4, n: int = 4, seed: int = 0) -> dict[int,
     return table
 
 
-class RecordedPrompts:
-    def __init__(self, num_prompts: int):
-        self.num_prompts, self.position = num_prompts, 0
+def prompt_item(table: dict[int, list[Sample]], p: int, epoch: int = 0) -> PromptItem:
+    """The recorded prompt ``p`` as the data reader would hand it over (no text, no images)."""
+    first = table[p][0]
+    T = first.prompt_ids.numel()
+    image = first.pixel_values is not None
+    return PromptItem(
+        index=p, epoch=epoch, data_source="recorded", prompt=f"prompt {p}",
+        prompt_ids=first.prompt_ids, prompt_position_ids=torch.arange(T).expand(3, -1),
+        rope_delta=0,
+        image_grid_thw=first.image_grid_thw if image else torch.zeros(0, 3, dtype=torch.long),
+        pixel_values=first.pixel_values if image else torch.zeros(0, PATCH_DIM),
+        plus_pixel_values=first.plus_pixel_values, minus_pixel_values=first.minus_pixel_values,
+        images=[], plus_images=[], minus_images=[], perturbation_kinds=[],
+        ground_truth=str(p % 3))
 
-    def next_batch(self, num: int) -> list[int]:
-        out = [(self.position + i) % self.num_prompts for i in range(num)]
-        self.position += num
+
+class RecordedPrompts:
+    def __init__(self, table: dict[int, list[Sample]]):
+        self.table, self.num_prompts, self.position = table, len(table), 0
+
+    def next_batch(self, num_prompts: int) -> list[PromptItem]:
+        out = [prompt_item(self.table, (self.position + i) % self.num_prompts,
+                           epoch=(self.position + i) // self.num_prompts)
+               for i in range(num_prompts)]
+        self.position += num_prompts
         return out
 
     def state_dict(self) -> dict:
@@ -64,12 +84,13 @@ class RecordedRollout:
     def __init__(self, table: dict[int, list[Sample]]):
         self.table, self.version, self.refits = table, 0, 0
 
-    def generate(self, prompts, *, n, temperature, max_new_tokens):
+    def generate(self, prompts, sampling):
         out = []
-        for group, p in enumerate(prompts):
-            for smp in self.table[p][:n]:
+        for group, item in enumerate(prompts):
+            for smp in self.table[item.index][:sampling.n]:
                 smp = copy.deepcopy(smp)
                 smp.group_id, smp.weight_version = group, self.version
+                smp.index, smp.ground_truth = item.index, item.ground_truth
                 out.append(smp)
         return out
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import DistributedTestFailure, run_on_ranks
+from helpers.distributed import DistributedTestFailure, run_on_ranks
+
+pytestmark = pytest.mark.slow  # spawned ranks
 
 
 def _allreduce_and_layout(state):

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
 from megatron_cppo.ops.vocab_parallel import default_chunk_size, full_kl, log_probs_and_entropy
 
 VOCAB = 151_936           # Qwen2.5 embedding rows
@@ -248,6 +248,7 @@ def test_tp1_matches_reference():
     _assert_ok(_check_all(0, 1, None), "tp=1")
 
 
+@pytest.mark.slow
 def test_tp2_and_tp4_match_reference():
     results = run_on_ranks(_ranks_main, 4, megatron=False, timeout=600)
     for rank, res in enumerate(results):

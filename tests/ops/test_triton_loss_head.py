@@ -29,7 +29,7 @@ import importlib.util
 import pytest
 import torch
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
 from megatron_cppo.ops.vocab_parallel import _resolve_impl, full_kl, log_probs_and_entropy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -143,6 +143,7 @@ def _ranks_main(state):
     return failures
 
 
+@pytest.mark.slow
 def test_triton_head_matches_torch(monkeypatch):
     """One launch. TRITON_INTERPRET must be set before triton itself is imported (triton's own
     library functions are decorated then), so the kernels run in fresh rank processes that start
@@ -159,6 +160,7 @@ def test_impl_argument():
     assert _resolve_impl("auto", torch.zeros(1)) == "torch"  # CPU: always the torch path
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper():
     """Ahead-of-time compilation of all eight kernel variants for sm_90 with the launch options
     used on the GPU (bf16 logits, BLOCK_V, NUM_WARPS)."""

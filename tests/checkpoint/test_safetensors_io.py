@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_cppo.checkpoint.atomic import OutputExistsError, atomic_output_dir
-from megatron_cppo.convert.safetensors_io import (INDEX_NAME, CheckpointFileError,
+from megatron_cppo.checkpoint.safetensors_io import (INDEX_NAME, CheckpointFileError,
                                                   SafetensorsDir, ShardedSafetensorsWriter)
 
 

@@ -20,7 +20,8 @@ plain per-micro-batch loss and never scale it themselves. Across data-parallel r
 averages the gradients (each rank's schedule-mean, then the mean over ranks).
 
 Used by the trainer (log-prob passes and the update), the converter's verify, the model tests and
-the model-step benchmark.
+the model-step benchmark; it lives next to the model because it is the model's step (what the
+model chunks take and return), whoever drives it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from megatron_cppo.models.qwen2_5_vl import stage_inputs, unwrap
+from megatron_cppo.models.qwen2_5_vl.builder import unwrap
+from megatron_cppo.models.qwen2_5_vl.model import stage_inputs
 
 __all__ = ["LossHead", "chunk_forward", "run_pipeline"]
 

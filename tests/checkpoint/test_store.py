@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
+
+pytestmark = pytest.mark.slow  # multi-rank loads and saves
 
 LAYOUTS = [(2, 2), (1, 2), (2, 1)]
 
@@ -46,12 +48,9 @@ def _load_and_export(state, cases):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    import sys
+    from helpers import tiny_qwen
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-    import tiny_qwen
-
-    from megatron_cppo.convert.checkpoint import hf_to_megatron, reshard
+    from megatron_cppo.convert.conversions import hf_to_megatron, reshard
 
     root = tmp_path_factory.mktemp("ckpt")
     out = {}
@@ -124,7 +123,8 @@ def test_checkpoint_saved_by_training_layout_exports_and_reshards(converted, tmp
     """A checkpoint saved from a live TP2 x PP2 model (replicated or sharded ViT, tied embeddings
     on both pipeline ends) exports to the original HF tensors bit for bit, also after a reshard
     to TP1 x PP2 (which strips the TP2 vocabulary padding)."""
-    from megatron_cppo.convert.checkpoint import megatron_to_hf, read_meta, reshard
+    from megatron_cppo.checkpoint import read_meta
+    from megatron_cppo.convert.conversions import megatron_to_hf, reshard
 
     hf, root = converted[True]
     saved = tmp_path / "saved"

@@ -7,13 +7,11 @@ from __future__ import annotations
 import glob
 import io
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-import tiny_qwen  # noqa: E402
+from helpers import tiny_qwen
 
 
 def write_hf_dir(path: Path, *, tied: bool, layout: str = "old",

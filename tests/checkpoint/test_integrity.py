@@ -16,8 +16,8 @@ import shutil
 
 import pytest
 
-import convert_fixtures as cf
-from distributed import run_on_ranks
+from helpers import convert_fixtures as cf
+from helpers.distributed import run_on_ranks
 from megatron_cppo.checkpoint import read_meta
 from megatron_cppo.convert import cli
 
@@ -108,6 +108,7 @@ def _load(state, cases):
     return out
 
 
+@pytest.mark.slow
 def test_training_load_refuses_a_flipped_bit_and_loads_an_old_checkpoint(ckpt, capfd):
     results = run_on_ranks(_load, 2, tp=2, pp=1,
                            args=([str(ckpt["flipped"]), str(ckpt["old"]), str(ckpt["mc"])],))
@@ -115,3 +116,37 @@ def test_training_load_refuses_a_flipped_bit_and_loads_an_old_checkpoint(ckpt, c
         assert flipped[0] == "error" and "checksum mismatch" in flipped[1], flipped
         assert ckpt["chunk"] in flipped[1]
         assert old == ("ok", None) and good == ("ok", "crc32")
+
+
+def _as_format_1(meta: dict) -> dict:
+    """The metadata as format 1 wrote it (before the layout fields took the flags' names)."""
+    names = {"vision_parallel_mode": "vision_parallel",
+             "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
+             "decoder_last_pipeline_num_layers": "num_layers_in_last_pipeline_stage"}
+    return {names.get(k, k): v for k, v in {**meta, "format_version": 1}.items()}
+
+
+def test_format_1_checkpoints_still_load_and_convert(ckpt, tmp_path, capsys):
+    """A checkpoint whose metadata uses format 1's field names reads as today's (the mode and the
+    split carried over), passes check, and reshards into a format-2 checkpoint; a newer format
+    is refused naming the ones this version reads."""
+    old = tmp_path / "v1"
+    shutil.copytree(ckpt["mc"], old)
+    path = old / "megatron_cppo.json"
+    current = json.loads(path.read_text())
+    path.write_text(json.dumps(_as_format_1(current)))
+    meta = read_meta(old)
+    assert meta.format_version == 2
+    assert meta.vision_parallel_mode == current["vision_parallel_mode"] == "tp"
+    assert meta.pipeline_split == read_meta(ckpt["mc"]).pipeline_split
+    assert cli.main(["check", "--megatron-dir", str(old)]) == 0
+    out = tmp_path / "v2"
+    assert cli.main(["reshard", "--megatron-dir", str(old), "--out", str(out),
+                     "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2",
+                     "--no-progress"]) == 0
+    written = json.loads((out / "megatron_cppo.json").read_text())
+    assert written["format_version"] == 2 and "vision_parallel_mode" in written
+    assert "vision_parallel" not in written
+    path.write_text(json.dumps({**current, "format_version": 3}))
+    assert "format_version 3 is not supported (this version reads [1, 2])" in _one_error(
+        capsys, ["check", "--megatron-dir", str(old)])

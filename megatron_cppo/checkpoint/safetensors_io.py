@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O for the converter: validated lazy reads, bounded-memory sharded writes.
+"""Streaming safetensors I/O (the converter's HF side, the rollout engine's weight files): validated lazy reads, bounded-memory sharded writes.
 
 Reading: ``SafetensorsDir`` opens a directory of ``*.safetensors`` files (with or without
 ``model.safetensors.index.json``), checks every file's header against its size before anything is
@@ -21,12 +21,8 @@ from typing import Iterable
 
 import torch
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+from megatron_cppo.dtypes import SAFETENSORS_DTYPES, safetensors_code
+
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -78,11 +74,11 @@ def read_header(path: Path) -> tuple[dict, int]:
               and v["data_offsets"][0] <= v["data_offsets"][1])
         if not ok:
             raise CheckpointFileError(f"{path}: tensor {name} has a malformed header entry")
-        if v["dtype"] in _DTYPES:
+        if v["dtype"] in SAFETENSORS_DTYPES:
             numel = 1
             for d in v["shape"]:
                 numel *= d
-            nbytes = numel * torch.empty((), dtype=_DTYPES[v["dtype"]]).element_size()
+            nbytes = numel * torch.empty((), dtype=SAFETENSORS_DTYPES[v["dtype"]]).element_size()
             if v["data_offsets"][1] - v["data_offsets"][0] != nbytes:
                 raise CheckpointFileError(f"{path}: tensor {name}: data_offsets span "
                                           f"{v['data_offsets'][1] - v['data_offsets'][0]} bytes, "
@@ -123,14 +119,14 @@ class SafetensorsDir:
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                if meta["dtype"] not in _DTYPES:
+                if meta["dtype"] not in SAFETENSORS_DTYPES:
                     raise CheckpointFileError(f"{path}: tensor {name} has unsupported dtype "
                                               f"{meta['dtype']}")
                 if name in self.tensors:
                     raise CheckpointFileError(f"{path}: tensor {name} also appears in "
                                               f"{self.tensors[name].file}")
                 self.tensors[name] = TensorInfo(name, tuple(meta["shape"]),
-                                                _DTYPES[meta["dtype"]], path)
+                                                SAFETENSORS_DTYPES[meta["dtype"]], path)
         self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -196,7 +192,7 @@ class ShardedSafetensorsWriter:
         fname, specs = self._plan[self._shard]
         header, offset = {"__metadata__": self._metadata}, 0
         for s in specs:
-            header[s.name] = {"dtype": _NAMES[s.dtype], "shape": list(s.shape),
+            header[s.name] = {"dtype": safetensors_code(s.dtype), "shape": list(s.shape),
                               "data_offsets": [offset, offset + s.nbytes]}
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

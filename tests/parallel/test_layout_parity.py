@@ -15,7 +15,9 @@ Not proven here: bf16, virtual pipeline (only its guard), sequence parallelism.
 import pytest
 import torch
 
-from distributed import run_on_ranks
+from helpers.distributed import run_on_ranks
+
+pytestmark = pytest.mark.slow  # four layouts on 4 ranks
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 NUM_MICROBATCHES = 8
@@ -27,7 +29,7 @@ def _one_layout(tp, pp, distributed_optimizer, cfg, microbatches):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    import toy_gpt
+    from helpers import toy_gpt
     from megatron_cppo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
     ps = initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp,
@@ -68,7 +70,7 @@ def _one_layout(tp, pp, distributed_optimizer, cfg, microbatches):
 
 
 def _all_layouts(ranks, cfg):
-    import toy_gpt
+    from helpers import toy_gpt
 
     microbatches = toy_gpt.synthetic_microbatches(cfg, NUM_MICROBATCHES, seed=7)
     out = []
@@ -80,7 +82,7 @@ def _all_layouts(ranks, cfg):
 
 @pytest.fixture(scope="module")
 def layout_runs():
-    from toy_gpt import ToyGPTConfig
+    from helpers.toy_gpt import ToyGPTConfig
 
     cfg = ToyGPTConfig()
     per_rank = run_on_ranks(_all_layouts, 4, megatron=False, args=(cfg,), timeout=600)
@@ -155,7 +157,7 @@ def test_optimizer_step_equal(layout_runs, layout, dist_opt):
             exp = _expected_shard(full[name], name, rec, cfg)
             torch.testing.assert_close(p, exp, rtol=1e-4, atol=1e-5, msg=lambda m: f"{layout} {name}: {m}")
     # the step moved the weights (a no-op optimizer would pass the comparisons above)
-    import toy_gpt
+    from helpers import toy_gpt
 
     start = toy_gpt.full_state_dict(cfg)
     moved = max((full[n] - start[n]).abs().max().item() for n in full)
