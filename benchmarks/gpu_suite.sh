@@ -84,7 +84,7 @@ finish() {
 }
 
 full_recompute="--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
-gpu_tests="tests/models/test_qwen2_5_vl_packing.py tests/ops/test_triton_loss_head.py"
+gpu_tests="tests/nn/test_attention.py tests/ops/test_triton_loss_head.py"
 if [ "$smoke" = 1 ]; then  # the GPU tests are collected and skip here
   part "GPU tests (skip on CPU)" 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
   part "model step (tiny, CPU)" 600 "$PYTHON" benchmarks/model_step.py --cpu-smoke \

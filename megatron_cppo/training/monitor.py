@@ -95,8 +95,9 @@ class Monitor:
         ranked = sorted(samples, key=lambda s: s.reward)
         picked = ranked[-((k + 1) // 2):] + ranked[:k // 2]
         rows = [{"step": step, "reward": s.reward, "advantage": s.advantage,
-                 "response": s.response_text, **{k2: v for k2, v in s.reward_extra.items()
-                                                 if isinstance(v, (int, float, str))}}
+                 "response": s.response_text, "ground_truth": s.ground_truth, "index": s.index,
+                 "finish_reason": s.finish_reason,
+                 **{k2: v for k2, v in s.reward_extra.items() if isinstance(v, (int, float, str))}}
                 for s in picked]
         if self.log_dir is not None:
             with open(self.log_dir / "samples.jsonl", "a") as fh:

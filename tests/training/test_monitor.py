@@ -15,3 +15,25 @@ def test_run_summary_quarters_and_validation():
     no_val = [h for h in history if "val_acc" not in h]
     assert run_summary(no_val).endswith("format rate 0.575 -> 0.875")
     assert run_summary(no_val[:3]) is None  # fewer than 4 steps: no quarters
+
+
+def test_sample_log_carries_the_records_fields(tmp_path, capsys):
+    """samples.jsonl keeps, per logged response, its prompt's ground truth and row index, the
+    sampler's finish reason and the reward's outputs (data/types.py's fields by name)."""
+    import json
+
+    import torch
+
+    from megatron_cppo.data.types import Sample
+    from megatron_cppo.training.monitor import Monitor
+
+    samples = [Sample(prompt_ids=torch.tensor([1]), response_ids=torch.tensor([2]), group_id=0,
+                      response_text=f"r{i}", ground_truth="7", index=40 + i,
+                      finish_reason="stop", reward=float(i), reward_extra={"acc": float(i)})
+               for i in range(2)]
+    monitor = Monitor(log_dir=str(tmp_path), progress=False)
+    monitor.log_samples(3, samples, k=2)
+    monitor.close()
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["ground_truth"], r["finish_reason"], r["acc"]) for r in rows] == [
+        (41, "7", "stop", 1.0), (40, "7", "stop", 0.0)]
