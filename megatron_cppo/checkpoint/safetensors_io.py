@@ -1,4 +1,5 @@
-"""Streaming safetensors I/O (the converter's HF side, the rollout engine's weight files): validated lazy reads, bounded-memory sharded writes.
+"""Streaming safetensors I/O (the converter's HF side, the rollout engine's weight files):
+validated lazy reads, bounded-memory sharded writes.
 
 Reading: ``SafetensorsDir`` opens a directory of ``*.safetensors`` files (with or without
 ``model.safetensors.index.json``), checks every file's header against its size before anything is

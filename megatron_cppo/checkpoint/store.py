@@ -22,7 +22,6 @@ from megatron_cppo.dtypes import short_name
 from megatron_cppo.parallel.agree import agree
 
 
-
 def _unwrap(chunk):
     from megatron_cppo.models.qwen2_5_vl.builder import unwrap
 

@@ -59,9 +59,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resolve_image_path(path: Any, base_dir: Optional[Path]) -> tuple[Optional[Path], list[Path]]:
+    """(the file, the candidates tried) of an image path of a row. An absolute path is itself. A
+    relative one is looked up as ``datasets`` and verl read it: against the current directory
+    (where the preprocessing script that wrote it ran: the reference's ViRL39K parquet stores
+    every image it did not resize as ``{bytes: None, path: <relative path>}``), then against the
+    data file's folder (raw ViRL39K's ``image`` column, files written with paths next to them)."""
+    p = Path(str(path).removeprefix("file://"))
+    tried = [p] if p.is_absolute() else [Path.cwd() / p] + ([base_dir / p] if base_dir else [])
+    return next((c for c in tried if c.is_file()), None), tried
+
+
 def decode_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int) -> Image.Image:
     """One image entry of a row (``{"bytes": b, "path": p}``, raw bytes, a path string or a PIL
-    image) -> an RGB PIL image. Raises ImageError with a skip reason."""
+    image) -> an RGB PIL image; relative paths: ``resolve_image_path``. Raises ImageError with a
+    skip reason."""
     if isinstance(entry, Image.Image):
         img = entry
     else:
@@ -73,12 +85,11 @@ def decode_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int)
         elif isinstance(entry, (str, os.PathLike)):
             path = entry
         if data is None and isinstance(path, (str, os.PathLike)) and str(path):
-            p = Path(str(path).removeprefix("file://"))
-            if not p.is_absolute() and base_dir is not None:
-                p = base_dir / p
-            if not p.is_file():
-                raise ImageError("image_missing", f"image file {p} does not exist")
-            data = p.read_bytes()
+            found, tried = resolve_image_path(path, base_dir)
+            if found is None:
+                raise ImageError("image_missing", f"image file {path} not found (tried "
+                                 f"{' and '.join(map(str, tried))})")
+            data = found.read_bytes()
         if not data:
             raise ImageError("image_missing", "image entry holds neither bytes nor a path")
         try:

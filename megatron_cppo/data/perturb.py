@@ -26,8 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 PLUS_KINDS = ("color_jitter", "perspective", "rotation")
@@ -87,6 +85,10 @@ class Perturber:
     """Builds the I+ and I- views of a prompt's images."""
 
     def __init__(self, cfg: PerturbationConfig):
+        # torchvision only here: the perturbations need it (vLLM brings it), the records and the
+        # rest of megatron_cppo.data do not (the megatron-core 0.19 job has no torchvision)
+        import torchvision.transforms as T
+
         self.cfg = cfg
         self.plus = {
             "color_jitter": T.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast,
@@ -118,8 +120,10 @@ class Perturber:
         cw, ch = int(w * s), int(h * s)
         left = _randint_inclusive(0, w - cw)
         top = _randint_inclusive(0, h - ch)
+        import torchvision.transforms.functional as TF  # see __init__
+
         return TF.resized_crop(img, top, left, ch, cw, [h, w],
-                               interpolation=T.InterpolationMode.BILINEAR)
+                               interpolation=TF.InterpolationMode.BILINEAR)
 
     def _one(self, img: Image.Image) -> tuple[Image.Image, Image.Image, str, str]:
         plus_kind = PLUS_KINDS[int(torch.randint(len(PLUS_KINDS), (1,)))]

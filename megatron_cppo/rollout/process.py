@@ -48,6 +48,7 @@ from megatron_cppo.dtypes import to_torch, torch_name
 from megatron_cppo.rollout.config import RolloutConfig, SamplingConfig
 from megatron_cppo.rollout.engine import RefitError, RolloutGroup, RolloutItem
 
+
 @dataclass(frozen=True)
 class RefitTarget:
     """Where refit senders connect (picklable)."""
