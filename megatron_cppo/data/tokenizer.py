@@ -176,9 +176,18 @@ def pixel_bounds(processor) -> tuple[int, int]:
     return int(get("shortest_edge")), int(get("longest_edge"))
 
 
-def load_processor(hf_dir: str | os.PathLike):
+def load_processor(hf_dir: str | os.PathLike, *, min_pixels: Optional[int] = None,
+                   max_pixels: Optional[int] = None):
     """The Qwen2.5-VL processor of a model directory (its tokenizer, chat template and image-size
-    bounds: what the data reader and the vLLM engine both use, so their prompt ids agree)."""
+    bounds: what the data reader and the vLLM engine both use, so their prompt ids agree).
+    ``min_pixels`` / ``max_pixels`` override the directory's image-size bounds (the data reader
+    resizes to them; the engine then receives images already inside its own bounds)."""
     from transformers import AutoProcessor  # heavy: only where a processor is loaded
 
-    return AutoProcessor.from_pretrained(os.fspath(hf_dir))
+    processor = AutoProcessor.from_pretrained(os.fspath(hf_dir))
+    if min_pixels is None and max_pixels is None:
+        return processor
+    low, high = pixel_bounds(processor)
+    size = {"shortest_edge": low if min_pixels is None else min_pixels,
+            "longest_edge": high if max_pixels is None else max_pixels}
+    return AutoProcessor.from_pretrained(os.fspath(hf_dir), size=size)

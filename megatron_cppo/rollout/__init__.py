@@ -6,7 +6,6 @@
   refit.py     refit(...) from the megatron ranks: TP gather, HF names via mapping.py, buckets
   source.py    VLLMRolloutSource: the trainer's RolloutSource (rank 0 drives the engine, broadcast)
   metrics.py   rollout_vs_train_logprob_diff
-  evaluate.py  avg@N evaluation on a parquet of (question, image, answer)
 """
 
 from megatron_cppo.rollout.config import RolloutConfig, SamplingConfig

@@ -98,6 +98,8 @@ def build_run(cfg: TrainConfig, start: Start, state, make_plugins: MakePlugins, 
                                         valid_vocab=valid_vocab)
         run = Run(cfg=cfg, start=start, state=state, policy=policy, monitor=monitor, ctx=ctx,
                   processor=processor, plugins=plugins)
+        for line in start.notes + (plugins.prompts.reports() + plugins.reports if plugins else []):
+            monitor.print(line)
         if start.checkpoint is not None:
             restored = ckpt.load_checkpoint(start, policy=policy, state=state,
                                             counters=run.counters,
@@ -177,7 +179,8 @@ def default_plugins(cfg: TrainConfig, start: Start, state, *, engine_target=None
       (its tokenizer, chat template and image-size bounds are what vLLM uses too, so the prompt
       ids agree; the rollout checks it), seeded by ``--seed`` (every rank builds the same
       stream), with the I+ / I- views when the CPL is on;
-    * validation: the first ``--eval-iters`` rows (default all) of ``--val-data-path``, clean;
+    * validation: the first ``--eval-iters`` usable rows (default all) of ``--val-data-path``,
+      clean views, each row once;
     * reward: ``megatron_cppo.rewards.load_reward_fn()`` (0.9 x accuracy + 0.1 x format);
     * rollout: ``VLLMRolloutSource`` (rank 0 owns the engine process), or the running engine at
       ``engine_target`` (tests share one engine between runs).
@@ -191,15 +194,20 @@ def default_plugins(cfg: TrainConfig, start: Start, state, *, engine_target=None
                          "writes the built-in dataset)")
     processor = load_processor(start.hf_dir)
     prompts = PromptDataset(data.data_path, processor, data, seed=seed, shuffle=True,
-                            perturb=cfg.loss.cpl_coef > 0)
-    val_prompts = None
+                            perturb=cfg.loss.cpl_coef > 0, scan=start.train_scan)
+    if prompts.num_kept < cfg.rollout.rollout_batch_size:
+        raise ValueError(f"--rollout-batch-size: {cfg.rollout.rollout_batch_size} exceeds the "
+                         f"{prompts.num_kept} usable rows of {data.data_path}")
+    val_prompts, reports = None, []
     if data.val_data_path is not None:
         val = PromptDataset(data.val_data_path, processor, data, seed=seed, shuffle=False,
                             perturb=False)
-        val_prompts = val.next_batch(min(cfg.eval.eval_iters or val.num_rows, val.num_rows))
+        val_prompts = val.epoch_items(cfg.eval.eval_iters)  # each row once, skips not refilled
+        reports = val.reports()
     n_seqs = max(cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt,
                  len(val_prompts or []) * cfg.eval.eval_n_samples)
     rollout = VLLMRolloutSource(engine_config(cfg, start.hf_dir, max_num_seqs=min(n_seqs, 256)),
                                 state, engine_target=engine_target)
     return Plugins(prompts=prompts, rollout=rollout, reward_fn=reward_fn_from(load_reward_fn()),
-                   valid_vocab=rollout.valid_vocab, val_prompts=val_prompts, processor=processor)
+                   valid_vocab=rollout.valid_vocab, val_prompts=val_prompts, processor=processor,
+                   reports=reports)

@@ -60,7 +60,13 @@ __all__ = ["CheckpointConfig", "EvalConfig", "LoggingConfig", "OptimizerConfig",
 class TrainingConfig:
     """How long the run is and how a rollout step's responses are batched."""
 
-    train_iters: int = option(100, "rollout steps (each: rollout, then optimizer steps over it)")
+    train_iters: Optional[int] = option(
+        None, "rollout steps (each: rollout, then optimizer steps over it); default: from "
+              "--train-epochs, else 100")
+    train_epochs: Optional[int] = option(
+        None, "epochs over the training prompts: --train-epochs x floor(usable rows / "
+              "--rollout-batch-size) steps (the reference's total_epochs with drop_last; "
+              "--train-iters wins when both are given)")
     seed: int = option(1234, "seed of the data order, initialisation and the sampler")
     global_batch_size: int = option(40, "responses per optimizer step, over all data-parallel "
                                         "ranks")
@@ -74,9 +80,14 @@ class TrainingConfig:
                                           "same losses as padded rows")
     reference_cpu_offload: bool = option(False, "keep the frozen reference model in CPU memory "
                                                 "between its passes")
+    balance_batch: bool = option(
+        False, "reorder each rollout step's responses as verl's balance_batch does (equal-count "
+               "parts of similar token workload, one per data-parallel rank; each rank's part "
+               "then split into its mini-batch shares) instead of the rollout order")
 
     def __post_init__(self):
-        check_int(self, "train_iters", 1)
+        check_int(self, "train_iters", 1, optional=True)
+        check_int(self, "train_epochs", 1, optional=True)
         check_int(self, "seed", 0)
         check_int(self, "global_batch_size", 1)
         check_int(self, "micro_batch_size", 1)
@@ -96,6 +107,10 @@ class OptimizerConfig:
     lr_decay_style: str = option("constant", "constant, linear or cosine")
     lr_decay_iters: Optional[int] = option(None, "optimizer steps of decay (default: all)")
     weight_decay: float = option(0.01, "AdamW weight decay")
+    weight_decay_all_params: bool = option(
+        False, "apply --weight-decay to every parameter, norms and biases included (the "
+               "reference: torch's AdamW over all parameters); default: megatron's, no decay of "
+               "norms and biases")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -140,12 +155,22 @@ class EvalConfig:
                                    "end)")
     eval_iters: Optional[int] = option(None, "validation prompts per evaluation (default: all)")
     eval_n_samples: int = option(1, "samples per validation prompt (avg@N)")
+    eval_temperature: float = option(
+        0.0, "sampling temperature of validation (0: greedy, the reference's val_kwargs); the "
+             "length and nucleus setting are the rollout's")
+    eval_before_train: bool = option(True, "validate the start weights before the first step "
+                                           "(the reference's val_before_train)")
     eval_only: bool = option(False, "evaluate the start weights (--load / --hf-dir) and exit")
 
     def __post_init__(self):
         check_int(self, "eval_interval", 0)
         check_int(self, "eval_iters", 1, optional=True)
         check_int(self, "eval_n_samples", 1)
+        check_float(self, "eval_temperature", 0.0)
+        if self.eval_temperature == 0 and self.eval_n_samples > 1:
+            raise bad("eval_n_samples", f"{self.eval_n_samples} greedy samples "
+                      f"(--eval-temperature 0) are all the same response; sample with "
+                      f"--eval-temperature > 0 for avg@N")
 
 
 @dataclass(kw_only=True)
@@ -186,6 +211,12 @@ class LoggingConfig:
     sample_log_interval: int = option(10, "log a few sample responses every this many steps "
                                           "(0: never)")
     progress: bool = option(True, "progress bars for the rollout and update phases")
+    rollout_data_dir: Optional[str] = option(
+        None, "write every training response of each step to DIR/<step>.jsonl (prompt, "
+              "response, ground truth, reward, advantage; the reference's rollout_data_dir)")
+    validation_data_dir: Optional[str] = option(
+        None, "write every validation response to DIR/<step>.jsonl (the reference's "
+              "validation_data_dir)")
 
     def __post_init__(self):
         check_int(self, "log_interval", 1)
@@ -283,12 +314,18 @@ def _option_fields():
 
 
 def _arg_type(f):
+    """The flag's parser: int / float / str by the field's type; an Optional field also takes
+    ``none`` (unset: e.g. ``--max-tokens-per-microbatch none`` over a YAML that sets it)."""
     t = str(f.type)
-    if "int" in t:
-        return int
-    if "float" in t:
-        return float
-    return str
+    base = int if "int" in t else float if "float" in t else str
+    if "Optional" not in t and "None" not in t:
+        return base
+
+    def optional(value: str):
+        return None if value.lower() in ("none", "null") else base(value)
+
+    optional.__name__ = base.__name__  # argparse names the type in its error message
+    return optional
 
 
 def build_parser() -> argparse.ArgumentParser:

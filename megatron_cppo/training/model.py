@@ -56,7 +56,10 @@ def build_policy(hf_config, state, model: Qwen25VLModelConfig, optim: OptimizerC
     if hf_state_dict is not None:
         load_hf_weights(chunks, hf_state_dict, state)
     ddp = wrap_ddp(chunks, state, use_distributed_optimizer=optim.use_distributed_optimizer)
+    # config_overrides: None is megatron's default (no decay of biases and 1-D parameters,
+    # i.e. the norms); {} applies the config's weight decay to every parameter
     opt = get_megatron_optimizer(megatron_optimizer_config(optim, bf16=model.bf16), ddp,
+                                 config_overrides={} if optim.weight_decay_all_params else None,
                                  use_gloo_process_groups=False,
                                  pg_collection=state.pg_collection)
     return Policy(chunks=ddp, optimizer=opt,

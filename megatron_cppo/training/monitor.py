@@ -88,6 +88,26 @@ class Monitor:
             parts.append(f"SKIPPED {int(metrics['skipped_steps'])}")
         print(" | ".join(parts), flush=True)
 
+    def dump_generations(self, directory: str, step: int, prompts: Sequence[Any],
+                         samples: Sequence[Any]) -> None:
+        """Every response of a step to ``directory/<step>.jsonl`` (the reference's rollout and
+        validation dumps): its prompt's text and row index, the response, the ground truth, the
+        reward and its parts, the advantage (training) and the finish reason."""
+        if not self.enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"{step}.jsonl"), "w") as fh:
+            for s in samples:
+                prompt = prompts[s.group_id]
+                row = {"step": step, "index": s.index, "data_source": prompt.data_source,
+                       "input": prompt.prompt, "output": s.response_text,
+                       "ground_truth": s.ground_truth, "score": s.reward,
+                       "advantage": s.advantage, "finish_reason": s.finish_reason,
+                       "response_length": int(s.response_ids.numel()),
+                       **{k: v for k, v in s.reward_extra.items()
+                          if isinstance(v, (int, float, str))}}
+                fh.write(json.dumps(row) + "\n")
+
     def log_samples(self, step: int, samples: Sequence[Any], k: int = 3) -> None:
         """The best and worst responses of a step (by reward) to samples.jsonl and the console."""
         if not self.enabled or not samples:

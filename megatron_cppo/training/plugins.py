@@ -16,7 +16,7 @@ rank, and a reward is a pure function of the samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -42,6 +42,16 @@ class PromptSource(Protocol):
         ...
 
     def load_state_dict(self, state: dict) -> None:
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for the run's metrics (the data reader's: epoch, rows kept and skipped by
+        reason); may be empty."""
+        ...
+
+    def reports(self) -> list[str]:
+        """Console lines not reported yet (the data reader's account of what it kept and
+        skipped, at open and per epoch); may be empty."""
         ...
 
 
@@ -82,6 +92,7 @@ class Plugins:
     valid_vocab: int                             # tokenizer vocabulary size
     val_prompts: Optional[Sequence[PromptItem]] = None  # validation prompts
     processor: Any = None  # the data processor, where the prompts have one (the warm start's)
+    reports: list = field(default_factory=list)  # console lines of the other datasets (validation)
 
     def close(self) -> None:
         self.rollout.close()

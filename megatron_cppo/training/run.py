@@ -13,6 +13,8 @@ Each phase is a function of the ``Run``; ``run`` returns the per-step metrics of
 that has steps (on every rank). ``train`` loops ``Trainer.train_step``: validation at the start,
 every --eval-interval steps and at the end; the console / JSONL line per --log-interval; samples
 per --sample-log-interval; a checkpoint per --save-interval and at the end; --exit-interval.
+Validation at the start can be turned off (--no-eval-before-train, the reference's
+val_before_train=False).
 """
 
 from __future__ import annotations
@@ -58,10 +60,17 @@ def _validation_prompts(run: Run) -> list:
     return list(run.plugins.val_prompts or [])[:run.cfg.eval.eval_iters or None]
 
 
+def _dump_validation(run: Run, step: int) -> None:
+    if run.cfg.logging.validation_data_dir:
+        run.monitor.dump_generations(run.cfg.logging.validation_data_dir, step,
+                                     *run.trainer.last_eval)
+
+
 def evaluate_phase(run: Run) -> list[dict]:
     """``megatron-cppo eval``: validation accuracy of the start weights."""
     _refit(run)
     metrics = run.trainer.evaluate(_validation_prompts(run))
+    _dump_validation(run, run.counters.step)
     run.monitor.log_step(run.counters.step, metrics)
     return [metrics]
 
@@ -73,16 +82,21 @@ def train_phase(run: Run) -> list[dict]:
     _refit(run)
     history = []
     val = _validation_prompts(run)
-    if val and counters.step == 0:
+    if val and counters.step == 0 and cfg.eval.eval_before_train:
         monitor.log_step(0, trainer.evaluate(val))
+        _dump_validation(run, 0)
     while counters.step < cfg.training.train_iters:
         metrics = trainer.train_step()
         step = counters.step
         exit_now = bool(cfg.checkpoint.exit_interval and step % cfg.checkpoint.exit_interval == 0)
         last = step == cfg.training.train_iters
         final = last or exit_now
+        if cfg.logging.rollout_data_dir:
+            monitor.dump_generations(cfg.logging.rollout_data_dir, step, trainer.last_prompts,
+                                     trainer.last_samples)
         if val and ((cfg.eval.eval_interval and step % cfg.eval.eval_interval == 0) or last):
             metrics.update(trainer.evaluate(val))
+            _dump_validation(run, step)
         history.append(metrics)
         if step % cfg.logging.log_interval == 0 or final:
             monitor.log_step(step, metrics)

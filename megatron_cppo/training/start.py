@@ -11,6 +11,9 @@ the start point needs exactly once:
   the built-in tiny model (without ``--load``); its config is the model's architecture;
 * the data: ``--data-path`` / ``--val-data-path`` / ``--sft-data-path``, else the built-in
   dataset's files (training/builtin.py prepares model and data offline on first use).
+* the run's length: ``--train-iters``, else ``--train-epochs`` x the batches of one epoch of the
+  training data (scanned here for its usable rows, the scan handed on to the dataset so it is
+  not read twice), else 100 steps.
 
 The returned config is the input with the resolved paths filled in (a new object); ``Start``
 holds what was read, and the builder (training/builder.py) builds from both without reading the
@@ -21,17 +24,21 @@ reference model that starts from the loaded weights is a copy of the policy's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from megatron_cppo.checkpoint import CheckpointMeta, read_meta
+from megatron_cppo.data.dataset import RowScan, scan_rows
+from megatron_cppo.data.tokenizer import load_processor
 from megatron_cppo.models.qwen2_5_vl.config import load_hf_config
 from megatron_cppo.training import builtin
 from megatron_cppo.training.checkpoint import find_checkpoint, read_trainer_state
 from megatron_cppo.training.config import TrainConfig, replace
 
-__all__ = ["Start", "resolve_start"]
+__all__ = ["DEFAULT_TRAIN_ITERS", "Start", "resolve_start"]
+
+DEFAULT_TRAIN_ITERS = 100  # rollout steps without --train-iters and --train-epochs
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Start:
     # where the start weights, which are also the frozen reference, came from:
     # {"kind": "hf", "path": HF dir} or {"kind": "megatron", "path": checkpoint}
     reference: Optional[dict] = None
+    train_scan: Optional[RowScan] = None     # the training data's scan (--train-epochs)
+    notes: list = field(default_factory=list)  # lines for the console (the step count chosen)
 
     @property
     def resumed(self) -> bool:
@@ -99,5 +108,33 @@ def resolve_start(cfg: TrainConfig, *, rank: Optional[int] = None) -> tuple[Trai
     else:
         reference = {"kind": "megatron", "path": str(checkpoint)}
     resolved = replace(cfg, checkpoint=dict(hf_dir=hf_dir), data=paths)
+    steps, scan, notes = _train_iters(resolved)
+    resolved = replace(resolved, training=dict(train_iters=steps))
     return resolved, Start(hf_dir=hf_dir, hf_config=hf_config, checkpoint=checkpoint, meta=meta,
-                           trainer_state=trainer_state, reference=reference)
+                           trainer_state=trainer_state, reference=reference, train_scan=scan,
+                           notes=notes)
+
+
+def _train_iters(cfg: TrainConfig) -> tuple[int, Optional[RowScan], list[str]]:
+    """The run's rollout steps: --train-iters; else --train-epochs x the batches of one epoch
+    (the training data scanned for its usable rows with the model directory's processor, so
+    prompts over --max-prompt-length are filtered as the dataset filters them; drop_last); else
+    100."""
+    t, batch = cfg.training, cfg.rollout.rollout_batch_size
+    if t.train_epochs is None:
+        return (t.train_iters if t.train_iters is not None else DEFAULT_TRAIN_ITERS), None, []
+    hf_dir = cfg.checkpoint.hf_dir
+    if hf_dir is None:
+        raise ValueError("--train-epochs: needs --hf-dir (the processor measures the prompts)")
+    scan = scan_rows(cfg.data.data_path, cfg.data, load_processor(hf_dir))
+    per_epoch = len(scan.kept) // batch
+    if per_epoch == 0:
+        raise ValueError(f"--train-epochs: {cfg.data.data_path} has {len(scan.kept)} usable "
+                         f"rows, fewer than one batch of --rollout-batch-size {batch}")
+    steps = t.train_epochs * per_epoch
+    note = (f"--train-epochs {t.train_epochs}: {t.train_epochs} x floor({len(scan.kept)} usable "
+            f"rows / {batch} prompts) = {steps} steps")
+    if t.train_iters is not None:
+        return t.train_iters, scan, [f"{note}; --train-iters {t.train_iters} given: "
+                                     f"{t.train_iters} steps"]
+    return steps, scan, [note]

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_cppo.algorithms import CPPOLoss, grpo_advantages
 from megatron_cppo.data.types import PromptItem, Sample
+from megatron_cppo.training.balance import balance_order, verl_workload
 from megatron_cppo.training.batch import sample_cost
 from megatron_cppo.training.plugins import Plugins
 from megatron_cppo.training.update import UpdateContext, compute_log_probs, update_mini_batch
@@ -75,6 +76,8 @@ class Trainer:
                                                       plugins.reward_fn)
         self.ctx, self.counters, self.start, self.logger = ctx, counters, start, logger
         self.last_samples: list[Sample] = []
+        self.last_prompts: list[PromptItem] = []
+        self.last_eval: tuple[list[PromptItem], list[Sample]] = ([], [])
         self.loss_fn = CPPOLoss(cfg.loss, tp_group=state.tp_group,
                                 temperature=cfg.rollout.rollout_temperature,
                                 valid_vocab=ctx.valid_vocab)
@@ -87,6 +90,8 @@ class Trainer:
         # 1. rollout with the current weights
         with timer("rollout"):
             prompts = self.prompts.next_batch(cfg.rollout.rollout_batch_size)
+            for line in self.prompts.reports():  # e.g. the data epoch that just ended
+                self._print(line)
             samples = self.rollout.generate(prompts, cfg.rollout.sampling())
         self.counters.consumed_prompts += len(prompts)
         # 2. rewards, 3. group advantages (identical on every rank)
@@ -127,7 +132,7 @@ class Trainer:
             self.counters.weight_version += 1
             self.rollout.refit(self.policy.raw_chunks(), s, self.counters.weight_version)
         self.counters.step += 1
-        self.last_samples = samples
+        self.last_prompts, self.last_samples = prompts, samples
         # 7. metrics
         return self._metrics(samples, mine, results, timer.times)
 
@@ -137,7 +142,20 @@ class Trainer:
             raise ValueError(f"the rollout returned {len(samples)} responses; --global-batch-size "
                              f"{gbs} must divide it")
         share = gbs // dp
-        return [samples[k + r * share:k + (r + 1) * share] for k in range(0, len(samples), gbs)]
+        if not self.cfg.training.balance_batch:
+            # rank r takes the r-th contiguous share of each mini-batch of the rollout order
+            return [samples[k + r * share:k + (r + 1) * share]
+                    for k in range(0, len(samples), gbs)]
+        # verl's balance_batch: the whole step reordered so that contiguous equal parts, one per
+        # rank, carry similar token workloads; each rank's part then in mini-batches of its share
+        perm = balance_order([verl_workload(x.num_tokens) for x in samples], dp)
+        part = len(samples) // dp
+        mine = [samples[i] for i in perm[r * part:(r + 1) * part]]
+        return [mine[k:k + share] for k in range(0, part, share)]
+
+    def _print(self, line: str) -> None:
+        if self.logger is not None:
+            self.logger.print(line)
 
     def _progress(self, items, desc):
         if self.logger is None:
@@ -182,6 +200,7 @@ class Trainer:
         m["skipped_steps"] = float(sum(not r.stepped for r in results))
         m["lr"] = float(self.policy.optimizer.param_groups[0]["lr"])
         m["weight_version"] = float(self.counters.weight_version)
+        m.update(self.prompts.stats())
         for k, v in times.items():
             m[f"time/{k}"] = v
         total = sum(times.values())
@@ -199,11 +218,17 @@ class Trainer:
 
     def evaluate(self, prompts: Sequence[PromptItem]) -> dict[str, float]:
         """avg@N accuracy and mean reward on ``prompts`` with the current weights (N =
-        --eval-n-samples, at the rollout's temperature and length)."""
-        sampling = dataclasses.replace(self.cfg.rollout.sampling(),
-                                       n=self.cfg.eval.eval_n_samples)
+        --eval-n-samples at --eval-temperature: one greedy response by default, as the
+        reference validates; the rollout's length and nucleus setting)."""
+        e = self.cfg.eval
+        sampling = dataclasses.replace(self.cfg.rollout.sampling(), n=e.eval_n_samples,
+                                       temperature=e.eval_temperature)
         samples = self.rollout.generate(prompts, sampling)
         scored = self.reward_fn(samples)
+        for smp, r in zip(samples, scored):  # kept for the generation dumps
+            smp.reward = float(r["reward"])
+            smp.reward_extra.update({k: v for k, v in r.items() if k != "reward"})
+        self.last_eval = (list(prompts), samples)
         acc = [float(r.get("acc", r["reward"])) for r in scored]
         return {"val_acc": sum(acc) / max(len(acc), 1),
                 "val_reward": sum(float(r["reward"]) for r in scored) / max(len(scored), 1)}

@@ -43,6 +43,8 @@ def warm_start(cfg, policy, state, ctx, monitor, processor) -> list[dict]:
     ctx = dataclasses.replace(ctx, temperature=1.0)  # plain NLL, whatever the rollout samples at
     data = PromptDataset(data_cfg.sft_data_path, processor, data_cfg, seed=cfg.training.seed,
                          perturb=False)
+    for line in data.reports():
+        monitor.print(line)
     gbs, dp, r = cfg.training.global_batch_size, state.dp_size, state.dp_rank
     share = gbs // dp
     lrs = [g["lr"] for g in policy.optimizer.param_groups]

@@ -1,6 +1,8 @@
 """The prompt reader: skip reasons, bounded memory, exact resume, the processed sample.
 
-Proves: every skip reason is triggered by a crafted row and counted exactly once; reading a
+Proves: every skip reason is triggered by a crafted row and counted exactly once; the scan's
+prompt length (tokenizer + image tokens from the header) equals the processed prompt's, so the
+scan filters overlong prompts exactly where processing would; reading a
 10,000-row parquet holds one row group at a time (Python and Arrow allocations stay far below the
 file's payload); save/restore of the position resumes with identical samples (pixels included) in
 the middle of an epoch, across an epoch boundary and exactly at one; a sample's M-RoPE ids equal
@@ -18,8 +20,8 @@ import torch
 from PIL import Image
 
 from helpers.datasets import open_dataset
-from megatron_cppo.data.dataset import RowReader
-from megatron_cppo.data.schema import SKIP_REASONS
+from megatron_cppo.data.dataset import DataConfig, RowReader, screen_row
+from megatron_cppo.data.schema import SKIP_REASONS, SkipRow
 
 
 def _png(w, h, color=(200, 30, 30)):
@@ -34,6 +36,10 @@ def _bad_files(tmp_path):
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
     (tmp_path / "thin.png").write_bytes(_png(1, 300))
     (tmp_path / "big.png").write_bytes(_png(100, 100))
+    noisy = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                    ).save(noisy, format="PNG")
+    (tmp_path / "cut.png").write_bytes(noisy.getvalue()[:len(noisy.getvalue()) // 2])
     q = {"role": "user"}
     lines = [
         "this is not json",                                                       # bad_record
@@ -54,7 +60,8 @@ def _bad_files(tmp_path):
                     "answer": "1"}),                                              # image_token_mismatch
         json.dumps({"question": "word " * 200, "images": ["ok.png"],
                     "answer": "1"}),                                              # prompt_too_long
-    ]
+        json.dumps({"question": "Q", "images": ["cut.png"], "answer": "1"}),  # image_undecodable
+    ]                                                           # (its pixels, while processing)
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n\n")
     # parquet rows: undecodable bytes and a non-string answer column
     pq.write_table(pa.Table.from_pylist([
@@ -76,16 +83,24 @@ def _bad_files(tmp_path):
 
 def test_every_skip_reason_is_counted(processor, tmp_path):
     ds = open_dataset(_bad_files(tmp_path), processor=processor, shuffle=False,
-                      max_prompt_length=200, max_image_pixels=60 * 60)
+                      max_prompt_length=200, max_image_pixels=60 * 60, max_skip_fraction=1.0)
     good = ds.next_batch(2)
     assert [s.ground_truth for s in good] == ["2", "x"]
     want = {r: 1 for r in SKIP_REASONS}
     want.update(bad_record=2, question_missing=2, answer_not_string=3, image_missing=2,
-                image_undecodable=2)
+                image_undecodable=3)
     assert ds.skip_counts() == want
-    assert ds.state_dict()["skip_counts"] == want
-    assert ds.skip_examples()["image_missing"].endswith("bad.jsonl row 6: image_missing")
+    # the position saves the processing skips; the scan's are recounted when the data reopens
+    assert ds.state_dict()["skip_counts"] == dict(image_undecodable=1)
+    assert ds.skip_examples()["image_missing"].endswith("bad.jsonl row 6: the row has no image")
+    # the scan counted the rows its checks reject exactly once (image headers and prompt lengths
+    # included); processing counted the truncated pixels
+    assert sum(ds.scan.skips.values()) == 16 and ds.num_kept == 3
+    assert ds.scan.num_filtered == 2 and ds.scan.num_skipped == 14  # too many images, too long
     assert "row 10: image of 100x100 pixels exceeds" in ds.skip_examples()["image_over_pixel_limit"]
+    assert "row 13: " in ds.skip_examples()["prompt_too_long"]
+    assert "row 14: cannot decode image" in ds.skip_examples()["image_undecodable"]
+    assert ds.stats()["data/filtered"] == 2.0 and ds.stats()["data/skipped"] == 15.0
 
     s = good[0]
     # "<image>\n" prepended and the instruction appended to a bare question (reference prompt)
@@ -104,9 +119,46 @@ def test_every_skip_reason_is_counted(processor, tmp_path):
     with pytest.raises(ValueError, match="--max-prompt-length"):
         open_dataset(_bad_files(tmp_path), processor=processor, max_prompt_length=0)
     only_bad = open_dataset([tmp_path / "bad.jsonl"], processor=processor,
-                            max_image_pixels=60 * 60, max_prompt_length=200)
+                            max_image_pixels=60 * 60, max_prompt_length=200,
+                            max_skip_fraction=1.0)
     with pytest.raises(ValueError, match="no usable row"):
         only_bad.next_sample()
+
+
+def test_scan_measures_prompts_as_processing_counts_them(processor, tmp_path):
+    """The scan's length (tokenizer on the templated text + the resized image's tokens, from the
+    header) equals the processed prompt's on images that are resized up, down and not at all;
+    with --max-prompt-length at a prompt's length it is kept, one below it is filtered at the
+    scan and never reaches processing."""
+    rng = np.random.default_rng(1)
+    sizes = [(28, 28), (56, 28), (40, 90), (90, 60), (300, 200), (13, 700), (1000, 1000)]
+    rows = [{"question": "word " * int(rng.integers(1, 40)),
+             "images": [{"bytes": _png(w, h), "path": None}], "answer": "1"} for w, h in sizes]
+    verbatim = {"prompt": [{"role": "user", "content": "Look: <image> and say."}],
+                "images": [{"bytes": _png(90, 60), "path": None}], "answer": "2"}
+    path = [tmp_path / "sizes.parquet", tmp_path / "verbatim.parquet"]
+    pq.write_table(pa.Table.from_pylist(rows), path[0])
+    pq.write_table(pa.Table.from_pylist([verbatim]), path[1])
+    rows.append(verbatim)
+    ds = open_dataset(path, processor=processor, shuffle=False, max_prompt_length=100_000)
+    items = ds.epoch_items()
+    assert len(items) == len(rows) and sum(ds.skip_counts().values()) == 0
+    lengths = [s.prompt_ids.numel() for s in items]
+    for row, length in zip(rows, lengths):  # the scan's measure is exact: kept at, not below
+        screen_row(row, base_dir=None, cfg=DataConfig(max_prompt_length=length),
+                   measure=ds.measure)
+        with pytest.raises(SkipRow, match=f"{length} tokens"):
+            screen_row(row, base_dir=None, cfg=DataConfig(max_prompt_length=length - 1),
+                       measure=ds.measure)
+    limit = sorted(lengths)[3]
+    cut = open_dataset(path, processor=processor, shuffle=False, max_prompt_length=limit,
+                       max_skip_fraction=0.0)  # filtered rows do not count as skipped
+    keep = [i for i, n in enumerate(lengths) if n <= limit]
+    drop = len(rows) - len(keep)
+    assert cut.scan.kept.tolist() == keep and 0 < drop < len(rows)
+    assert cut.scan.skips == {"prompt_too_long": drop}
+    assert len(cut.epoch_items()) == len(keep) and cut.skip_counts()["prompt_too_long"] == drop
+    assert f", {drop} filtered (prompt_too_long {drop})" in cut.scan.summary()
 
 
 def test_10k_row_parquet_memory_is_bounded_by_a_row_group(tmp_path):
@@ -173,13 +225,14 @@ def _key(s):
 def test_resume_sees_the_same_samples(processor, builtin_dir, cut):
     files = [builtin_dir / "train.parquet", builtin_dir / "validation.parquet"]  # 32 rows
     full = open_dataset(files, seed=5, processor=processor)
-    ref = [_key(s) for s in full.next_batch(cut + 12)]
+    ref = [_key(full.next_sample()) for _ in range(cut + 12)]
     a = open_dataset(files, seed=5, processor=processor)
-    a.next_batch(cut)
+    for _ in range(cut):
+        a.next_sample()
     state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores
     b = open_dataset(files, seed=5, processor=processor)
     b.load_state_dict(state)
-    assert [_key(s) for s in b.next_batch(12)] == ref[cut:]
+    assert [_key(b.next_sample()) for _ in range(12)] == ref[cut:]
     assert [k[1] for k in ref].count(1) == cut + 12 - 32  # crossed into epoch 1
     # epoch 1 reorders and redraws the perturbations of the same rows
     e0 = {k[0]: k for k in ref if k[1] == 0}

@@ -42,14 +42,19 @@ def assert_prompt_source_contract(make_source, *, batch: int = 3) -> None:
     assert all(isinstance(x, PromptItem) for x in first), "prompt items are PromptItem records"
     assert all(x.prompt_ids.dim() == 1 and not x.prompt_ids.dtype.is_floating_point
                and x.prompt_position_ids.shape == (3, x.prompt_ids.numel()) for x in first)
+    stats, reports = a.stats(), a.reports()
+    assert isinstance(stats, dict) and all(isinstance(k, str) and isinstance(v, float)
+                                           for k, v in stats.items()), "stats: {name: float}"
+    assert isinstance(reports, list) and all(isinstance(x, str) for x in reports)
     # every rank builds its own source: the same stream from the same construction
     assert [_key(x) for x in make_source().next_batch(batch)] == [_key(x) for x in first]
     # the position survives a checkpoint (pickled with the trainer state) and resumes exactly
     state = pickle.loads(pickle.dumps(a.state_dict()))
-    following = [_key(x) for x in a.next_batch(2 * batch)]
+    following = [_key(x) for _ in range(2) for x in a.next_batch(batch)]
     b = make_source()
     b.load_state_dict(state)
-    assert [_key(x) for x in b.next_batch(2 * batch)] == following, "resume is not exact"
+    assert [_key(x) for _ in range(2) for x in b.next_batch(batch)] == following, \
+        "resume is not exact"
 
 
 def assert_rollout_source_contract(source, prompts: list[PromptItem], sampling, *,

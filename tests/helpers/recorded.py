@@ -79,6 +79,12 @@ class RecordedPrompts:
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
 
+    def stats(self) -> dict[str, float]:
+        return {"data/epoch": float(self.position // self.num_prompts)}
+
+    def reports(self) -> list[str]:
+        return []
+
 
 class RecordedRollout:
     def __init__(self, table: dict[int, list[Sample]]):

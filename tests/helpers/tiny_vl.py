@@ -1,6 +1,6 @@
 """A tiny random Qwen2.5-VL HF directory that vLLM can serve: weights + tokenizer + processor.
 
-tests/models/tiny_qwen.py has no tokenizer and a head dim of 16; vLLM's CPU attention needs a head
+tests/helpers/tiny_qwen.py has no tokenizer and a head dim of 16; vLLM's CPU attention needs a head
 dim in {32, 64, 80, ...} (docs/rollout.md), so this one has 2 LM heads of 64 (2 KV heads: TP 2
 splits them), 2 LM layers (1 per stage at PP 2), a 2-block ViT (block 1 full attention, block 0
 windowed) of 2 heads.
@@ -118,3 +118,19 @@ def image(seed: int, size=(224, 112)):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
+
+
+def chat_prompt(processor, question: str, has_image: bool) -> str:
+    """The chat template applied to one user turn (image first, then the question)."""
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def length_parity_reward(response: str, answer: str):
+    """A grader for a random model (it never writes a \\boxed answer): accuracy = the response's
+    character count is odd, format = it is non-empty. Deterministic, mixes 0s and 1s."""
+    from megatron_cppo.rewards import RewardOutput
+
+    acc = float(len(response) % 2)
+    return RewardOutput(score=acc, accuracy=acc, format=float(bool(response)))

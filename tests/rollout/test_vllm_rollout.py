@@ -15,14 +15,10 @@ Proven here, in fp32 on both sides (vLLM's CPU kernels vs megatron / transformer
     lacks a tensor, or sends a misshaped one, raises RefitError naming it on every rank and leaves
     the engine on its previous version, and the engine still serves afterwards;
   * an in-process engine is refused in a process running under the CPU platform patches;
-  * avg@N evaluation over a parquet writes one JSONL line per response and averages the grader.
 Not proven: bf16 tolerances, the GPU placements (CUDA IPC / NCCL, sleep/wake), DP > 1 senders.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import pytest
 import torch
@@ -32,7 +28,6 @@ pytest.importorskip("vllm")
 from helpers import tiny_vl  # noqa: E402
 from helpers.distributed import run_on_ranks  # noqa: E402
 from megatron_cppo.rollout import RefitError, RolloutConfig, RolloutItem, SamplingConfig  # noqa: E402
-from megatron_cppo.rollout.evaluate import chat_prompt, evaluate, load_eval_records  # noqa: E402
 from megatron_cppo.rollout.metrics import rollout_vs_train_logprob_diff  # noqa: E402
 from megatron_cppo.rollout.process import EngineProcess  # noqa: E402
 
@@ -54,7 +49,7 @@ def env(tmp_path_factory):
                            verify_refit=True, n_samples_per_prompt=2, rollout_temperature=1.0,
                            max_response_length=8)
     engine = EngineProcess(config)
-    items = [RolloutItem(prompt=chat_prompt(processor, q, True), image=tiny_vl.image(i))
+    items = [RolloutItem(prompt=tiny_vl.chat_prompt(processor, q, True), image=tiny_vl.image(i))
              for i, q in enumerate(QUESTIONS)]
     yield dict(root=str(root), ckpt=ckpt, processor=processor, engine=engine, items=items)
     engine.shutdown()
@@ -301,42 +296,3 @@ def test_refit_refused_outside_megatron(env):
     assert reply[0] == "error"
     assert "unknown tensor 'model.language_model.extra.weight'" in reply[1]
     assert engine.version == version
-
-
-def test_evaluate_avg_at_n(env, tmp_path):
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    engine, processor = env["engine"], env["processor"]
-    images = []
-    for i in range(2):
-        buf = io.BytesIO()
-        tiny_vl.image(10 + i).save(buf, format="PNG")
-        images.append({"bytes": buf.getvalue(), "path": None})
-    path = str(tmp_path / "eval.parquet")
-    pq.write_table(pa.table({"question": list(QUESTIONS), "image": images,
-                             "answer": ["a", "b"]}), path)
-    records = load_eval_records(path)
-    prompts = [chat_prompt(processor, r["question"], r["image"] is not None) for r in records]
-    out = str(tmp_path / "responses.jsonl")
-    calls = []
-
-    def grader(response, answer):  # scores the response length parity: some 0s, some 1s
-        calls.append((response, answer))
-        return float(len(response) % 2)
-
-    sampling = SamplingConfig(n=3, temperature=1.0, max_new_tokens=6, seed=3)
-    report = evaluate(engine, records, grader, prompts=prompts, sampling=sampling, out_jsonl=out,
-                      progress=False)
-    lines = [json.loads(x) for x in open(out)]
-    assert len(lines) == len(calls) == 6 and report["num_responses"] == 6
-    per_q = [sum(x["score"] for x in lines if x["question_index"] == q) / 3 for q in (0, 1)]
-    assert report["avg_at_n"] == pytest.approx(sum(per_q) / 2)
-    assert {x["answer"] for x in lines} == {"a", "b"}
-    bad = str(tmp_path / "bad.parquet")
-    pq.write_table(pa.table({"question": ["q"], "answer": ["a"], "image": [b"not an image"]}), bad)
-    with pytest.raises(ValueError, match="row 0: field 'image'"):
-        load_eval_records(bad)
-    assert os.path.exists(out)

@@ -20,8 +20,12 @@ def test_megatron_cppo_dispatch(capsys, tmp_path):
     assert cli.main([]) == 2
     assert cli.main(["bogus"]) == 2
     assert cli.main(["train", "--cpl-tau", "0"]) == 2
-    assert cli.main(["eval"]) == 2  # --eval-only needs --val-data-path
-    assert "--eval-only: needs --val-data-path" in capsys.readouterr().err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # eval needs a model and benchmark files
+        cli.main(["eval"])
+    assert e.value.code == 2 and "--hf-dir" in capsys.readouterr().err
+    assert cli.main(["eval", "--hf-dir", str(tmp_path), "--data-path", str(tmp_path / "x")]) == 2
+    assert "error: --data-path: " in capsys.readouterr().err
     status = cli.main(["convert", "hf-to-megatron", "--hf-dir", str(tmp_path / "missing"),
                        "--out", str(tmp_path / "out")])
     assert isinstance(status, int) and status == 2

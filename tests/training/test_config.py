@@ -61,6 +61,10 @@ BAD = [
     (["--data-path", "/no/such/file.parquet"], "--data-path"),
     (["--val-data-path", "/no/such/file.jsonl"], "--val-data-path"),
     (["--eval-interval", "-1"], "--eval-interval"),
+    (["--eval-temperature", "-1"], "--eval-temperature"),
+    (["--eval-n-samples", "4"], "--eval-n-samples"),  # 4 greedy samples are one
+    (["--max-skip-fraction", "1.5"], "--max-skip-fraction"),
+    (["--train-epochs", "0"], "--train-epochs"),
     (["--eval-only"], "--eval-only"),  # without --val-data-path
     (["--save-interval", "5"], "--save-interval"),  # without --save
     (["--load", "/no/such/dir"], "--load"),
@@ -180,9 +184,28 @@ def test_example_configs_parse(name, worlds):
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / name
     cfg = parse_config(["--config", str(path)])
     assert cfg.mini_batches_per_step == 8 and cfg.loss.cpl_coef == 0.01
-    assert cfg.training.sequence_packing and cfg.training.max_tokens_per_microbatch
+    # the reference's fixed micro-batches (8 responses per GPU for 3B, 2 for 7B), no budget
+    assert cfg.training.sequence_packing and cfg.training.max_tokens_per_microbatch is None
+    assert cfg.training.micro_batch_size == {"qwen2_5_vl_3b.yaml": 8, "qwen2_5_vl_7b.yaml": 2}[name]
+    assert (cfg.eval.eval_temperature, cfg.eval.eval_n_samples) == (0.0, 1)  # greedy, as verl
     for world in worlds:
         check_world(cfg, world)
+
+
+def test_optional_flags_can_be_unset(tmp_path):
+    """A setting a YAML file gives can be taken back on the command line with ``none`` (and a
+    YAML ``null`` is the default)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("max-tokens-per-microbatch: 4096\nlr-decay-iters: 10\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.training.max_tokens_per_microbatch, cfg.optimizer.lr_decay_iters) == (4096, 10)
+    cfg = parse_config(["--config", str(path), "--max-tokens-per-microbatch", "none",
+                        "--lr-decay-iters", "None"])
+    assert (cfg.training.max_tokens_per_microbatch, cfg.optimizer.lr_decay_iters) == (None, None)
+    path.write_text("max-tokens-per-microbatch: null\n")
+    assert parse_config(["--config", str(path)]).training.max_tokens_per_microbatch is None
+    with pytest.raises(SystemExit):  # not a number and not none: argparse's usage error
+        parse_config(["--max-tokens-per-microbatch", "lots"])
 
 
 def test_switch_off_flags_say_so():

@@ -40,18 +40,24 @@ loss: --clip-ratio-low 0.2 | --clip-ratio-high 0.2 | --clip-ratio-c 3.0 |
   --cpl-divergence None | --cpl-divergence-clamp None
 rollout: --rollout-batch-size 8 | --n-samples-per-prompt 5 | --rollout-temperature 1.0 |
   --rollout-top-p 1.0 | --max-response-length 1024 | --rollout-gpu-memory-utilization 0.5
-data: --data-path None | --val-data-path None | --sft-data-path None | --max-prompt-length 512
-training: --train-iters 100 | --seed 1234 | --global-batch-size 40 | --micro-batch-size 4 |
-  --max-tokens-per-microbatch None | --no-sequence-packing True | --reference-cpu-offload False
+data: --data-path None | --val-data-path None | --sft-data-path None | --max-prompt-length 512 |
+  --max-skip-fraction 0.05
+training: --train-iters None | --train-epochs None | --seed 1234 | --global-batch-size 40 |
+  --micro-batch-size 4 |
+  --max-tokens-per-microbatch None | --no-sequence-packing True | --reference-cpu-offload False |
+  --balance-batch False
 optimizer: --lr 1e-06 | --min-lr 0.0 | --lr-warmup-iters 0 | --lr-decay-style 'constant' |
-  --lr-decay-iters None | --weight-decay 0.01 | --adam-beta1 0.9 | --adam-beta2 0.999 |
-  --adam-eps 1e-08 | --clip-grad 1.0 | --use-distributed-optimizer False
+  --lr-decay-iters None | --weight-decay 0.01 | --weight-decay-all-params False |
+  --adam-beta1 0.9 | --adam-beta2 0.999 | --adam-eps 1e-08 | --clip-grad 1.0 |
+  --use-distributed-optimizer False
 warm_start: --warm-start-iters 0 | --warm-start-lr 0.001 | --sft-only False
-eval: --eval-interval 0 | --eval-iters None | --eval-n-samples 1 | --eval-only False
+eval: --eval-interval 0 | --eval-iters None | --eval-n-samples 1 | --eval-temperature 0.0 |
+  --no-eval-before-train True | --eval-only False
 checkpoint: --hf-dir None | --load None | --save None | --save-interval 0 |
   --no-load-optim False | --exit-interval None
 logging: --log-dir None | --tensorboard-dir None | --wandb-project None |
-  --wandb-exp-name None | --log-interval 1 | --sample-log-interval 10 | --no-progress True
+  --wandb-exp-name None | --log-interval 1 | --sample-log-interval 10 | --no-progress True |
+  --rollout-data-dir None | --validation-data-dir None
 """
 
 

@@ -1,20 +1,24 @@
-"""The whole trainer (training/run.py's phases over training/builder.py's run) on a tiny Qwen2.5-VL with a recorded rollout, in one
-2-rank launch at (tp, pp) = (1, 2), with the distributed optimizer (its checkpoint path is the
-fragile one in megatron-core 0.16.1).
+"""The whole trainer (training/run.py's phases over training/builder.py's run) on a tiny
+Qwen2.5-VL with a recorded rollout, in one 2-rank launch at (tp, pp) = (1, 2), with the
+distributed optimizer (its checkpoint path is the fragile one in megatron-core 0.16.1).
 
 Proven:
 - a 4-step run (save every 2 steps) logs finite metrics, refits the rollout engine once per step
   plus once at the start, writes metrics.jsonl, the curve PNG, and a checkpoint that the
   converter's reader accepts (``read_meta``) and ``megatron-to-hf`` exports (trained weights);
-- resume is exact: 2 steps, exit (--exit-interval), --load, 2 more steps give bit-identical metrics at steps 3-4
-  to the uninterrupted run (loss, grad norm, every logged number except wall times);
+- resume is exact: 2 steps, exit (--exit-interval), --load, 2 more steps give bit-identical
+  metrics at steps 3-4 to the uninterrupted run (loss, grad norm, every logged number except
+  wall times);
 - a save that fails on one rank mid-write leaves ``latest`` naming the previous checkpoint, which
   the next run resumes from (the same bit-identical steps 3-4);
 - the model checkpoint reloads at another layout (tp, pp) = (2, 1): the resumed run's first
   old log-probs there (micro-batches filled to a token budget instead, padded rows with
   --no-sequence-packing where the other runs pack, layers recomputed with
   --recompute-granularity full) match the (1, 2) run's;
-- validation (avg@N through the rollout source) runs at the start and at the last step.
+- validation (through the rollout source) runs at the start and at the last step; the
+  generation dumps (--rollout-data-dir, --validation-data-dir) hold every response;
+- --load reads the checkpoint's metadata once per rank, and a reference that starts from the
+  loaded weights is copied from the policy;
 - bf16 (the GPU configuration) runs 2 steps and saves, its first step within bf16 rounding of the
   fp32 run's loss, entropy and gradient norm.
 Not proven: learning (the recorded rollout does not depend on the weights), vLLM.
@@ -93,8 +97,10 @@ def _runs(ranks, hf, root):
     table = recorded.record_rollout()
     out = {}
     full = os.path.join(root, "full")
-    out["full"] = run(parse_config(_argv(hf, full, "--train-iters", "4", "--save-interval", "2")),
-                      _plugins(table))
+    out["full"] = run(parse_config(_argv(hf, full, "--train-iters", "4", "--save-interval", "2",
+                                         "--rollout-data-dir", os.path.join(root, "dump_train"),
+                                         "--validation-data-dir",
+                                         os.path.join(root, "dump_val"))), _plugins(table))
     half = os.path.join(root, "half")
     out["first_half"] = run(parse_config(_argv(hf, half, "--train-iters", "4",
                                                    "--exit-interval", "2")), _plugins(table))
@@ -173,6 +179,13 @@ def test_run_completes_with_finite_metrics_and_outputs(runs):
     assert "val_acc" in json.loads(lines[0]) and "val_acc" in full[-1]
     assert all("val_acc" not in m for m in full[:-1])
     assert (root / "full" / "curves.png").stat().st_size > 1000
+    # the generation dumps: every training response per step, every validation one
+    assert sorted(p.name for p in (root / "dump_train").iterdir()) == [
+        f"{k}.jsonl" for k in (1, 2, 3, 4)]
+    rows = [json.loads(x) for x in (root / "dump_train" / "3.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["input"] for r in rows} == {"prompt 0", "prompt 1"}
+    assert all(set(r) >= {"output", "score", "advantage", "ground_truth", "index"} for r in rows)
+    assert sorted(p.name for p in (root / "dump_val").iterdir()) == ["0.jsonl", "4.jsonl"]
     assert (root / "full" / "samples.jsonl").is_file()
     from megatron_cppo.checkpoint import read_meta
 
