@@ -16,10 +16,16 @@ built-in dataset prepared offline on first use (training/builtin.py, from resolv
 Started outside torchrun (no ``LOCAL_RANK`` in the environment), a run that needs tp x pp > 1
 processes launches itself on this machine with that many (``torch.distributed.run
 --standalone``, one data-parallel replica).
+
+Exit status: 0; 2 for bad flags or input (one ``error:`` line naming the flag or file); 1 for a
+runtime failure: the rollout engine did not start, died or failed a request, or a checkpoint
+could not be written (one ``error:`` line from rank 0 naming the directory, the cause and the
+last complete checkpoint); 128 + N when the launcher was stopped by signal N.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -56,8 +62,9 @@ def _exit_with_launcher() -> None:
 
 def _launch_local(argv: list[str], nproc: int) -> int:
     """Run this entry under torchrun's launcher (in this process) with ``nproc`` local ranks;
-    returns the exit status. A failing rank has printed its own one-line error: the launcher
-    adds one line naming it, not its traceback and failure table."""
+    returns the exit status. A rank that exits with 1 or 2 has printed its own one-line error
+    (or, for a bug, its traceback); for a rank killed by a signal or another status the launcher
+    prints one line naming it. Never torchrun's failure table."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
@@ -69,6 +76,11 @@ def _launch_local(argv: list[str], nproc: int) -> int:
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the ranks end if this process dies
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m",
                                          "megatron_cppo.train", *argv])
+    # torchrun's own log lines (ranks being stopped, "failed (exitcode: 1)") would come after the
+    # failing rank's one error line; each of its modules has its own logger and level
+    for name, log in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("torch.distributed.elastic") and isinstance(log, logging.Logger):
+            log.setLevel(logging.CRITICAL)
     print(f"launching {nproc} local ranks: torchrun --standalone --nproc-per-node={nproc} "
           f"-m megatron_cppo.train {' '.join(argv)}", flush=True)
     try:
@@ -77,9 +89,9 @@ def _launch_local(argv: list[str], nproc: int) -> int:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         status = 128 - code if code < 0 else code  # a negative exit code is a signal number
-        how = f"signal {-code}" if code < 0 else f"status {code}"
-        print(f"error: rank {rank} exited with {how} (its message is above)", file=sys.stderr,
-              flush=True)
+        if code < 0 or code not in (1, 2):  # 1 and 2: the rank printed its own error line
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            print(f"error: rank {rank} exited with {how}", file=sys.stderr, flush=True)
         return status if 0 < status < 256 else 1
     except SignalException as e:  # SIGINT / SIGTERM to the launcher: the ranks were stopped
         return 128 + int(e.sigval)
@@ -90,6 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_cppo.platform import quiet_library_warnings
 
     quiet_library_warnings()  # before megatron-core is imported (launcher and every rank)
+    from megatron_cppo.rollout.source import EngineFailure
+    from megatron_cppo.training.checkpoint import CheckpointSaveError
     from megatron_cppo.training.config import parse_config
     from megatron_cppo.training.run import run
     from megatron_cppo.training.start import resolve_start
@@ -111,6 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # bad flags or input: one line naming the flag / file
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (EngineFailure, CheckpointSaveError) as e:  # runtime failures, raised on every rank
+        if os.environ.get("RANK", "0") == "0":  # alike: one line, from rank 0
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -31,7 +31,7 @@ ROOMS = {
     "convert": {"checkpoint", "models", "parallel", "platform", "dtypes", "megatron_cppo"},
     "training": {"algorithms", "checkpoint", "data", "models", "ops", "options", "parallel",
                  "platform", "rewards", "rollout", "dtypes"},
-    "train": {"training", "parallel", "platform"},
+    "train": {"training", "parallel", "platform", "rollout"},  # rollout: its EngineFailure
     "evaluate": {"data", "rewards", "rollout", "convert", "training"},
     "cli": {"train", "convert", "evaluate"},
 }

@@ -111,7 +111,7 @@ class CPPOLossConfig:
         check_float(self, "cpl_coef", 0.0)
         check_float(self, "cpl_tau", 0.0, lo_open=True)
         check_float(self, "cpl_top_percent", 0.0, 1.0, lo_open=True)
-        check_float(self, "cpl_entropy_eps", 0.0)
+        check_float(self, "cpl_entropy_eps", 0.0, lo_open=True)
         check_bool(self, "perception_mask")
         check_bool(self, "cpl_gating")
         if self.cpl_divergence is not None and self.cpl_divergence != FULL_VOCAB:

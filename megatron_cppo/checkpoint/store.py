@@ -123,19 +123,23 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], out_dir, state, 
             error = e
         agree(error, "saving the checkpoint (nothing was written)")
         tables = integrity.compute_collective(tmp_dir, subdirs)
+        error = None
         if state.rank == 0:
-            integrity.write(tmp_dir, tables)
-            layout = model.layout
-            CheckpointMeta(
-                format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
-                hf_config=load_hf_config(hf_config).to_dict(), source_hf_dir=source_hf_dir,
-                tp=state.tp_size, pp=state.pp_size,
-                vision_parallel_mode=layout.vision_parallel_mode, dtype=dtype,
-                padded_vocab_size=layout.padded_vocab_size, **layout.pipeline_split,
-                source_hf_layout=source_hf_layout, extra_state=list(extra_sharded),
-                extra=extra_metadata, checksums=integrity.ALGORITHM).write(tmp_dir)
-            swap_into_place(tmp_dir, out_dir)
-        dist.barrier()
+            try:  # a full disk can fail these writes too: every rank must learn of it
+                integrity.write(tmp_dir, tables)
+                layout = model.layout
+                CheckpointMeta(
+                    format_version=FORMAT_VERSION, converter_version=megatron_cppo.__version__,
+                    hf_config=load_hf_config(hf_config).to_dict(), source_hf_dir=source_hf_dir,
+                    tp=state.tp_size, pp=state.pp_size,
+                    vision_parallel_mode=layout.vision_parallel_mode, dtype=dtype,
+                    padded_vocab_size=layout.padded_vocab_size, **layout.pipeline_split,
+                    source_hf_layout=source_hf_layout, extra_state=list(extra_sharded),
+                    extra=extra_metadata, checksums=integrity.ALGORITHM).write(tmp_dir)
+                swap_into_place(tmp_dir, out_dir)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                error = e
+        agree(error, "writing the checkpoint's checksums and metadata")
     finally:
         if state.rank == 0:
             if tmp_dir.exists():

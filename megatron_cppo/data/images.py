@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from PIL import Image
 
 IMAGE_FACTOR = 28  # patch_size 14 x spatial_merge_size 2
@@ -52,6 +53,17 @@ def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: int,
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, as the reference's loader converts (RGBA composited on white, every other mode
+    through PIL's ``convert``), except for high-bit-depth grayscale: PIL clips 16-bit values
+    to 255 (a 16-bit PNG turns almost all white), so those are scaled to 8 bits first: 16-bit
+    values v / 257; a 32-bit integer image the same when a value exceeds 255 (16-bit content, as
+    older PIL opens 16-bit PNGs), else as it is; a float image clipped to [0, 255]."""
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        v = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and v.max() > 255):
+            v = np.clip(v, 0, 65535) / 257.0
+        v = np.clip(v, 0, 255)
+        return Image.fromarray(np.rint(v).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "RGBA":
         out = Image.new("RGB", img.size, (255, 255, 255))
         out.paste(img, mask=img.split()[3])

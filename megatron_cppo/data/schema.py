@@ -20,6 +20,7 @@ SKIP_REASONS = (
     "bad_record",              # a JSONL line that is not a JSON object
     "question_missing",        # no prompt / question, or an empty one
     "answer_not_string",       # the answer is missing or not a string
+    "answer_empty",            # the answer (or its \boxed{} content) is empty or blank
     "image_missing",           # no image, or a path that does not exist
     "image_undecodable",       # bytes PIL cannot decode
     "image_aspect_ratio",      # longer side / shorter side > 200 (the resize cannot keep it)
@@ -72,7 +73,9 @@ def row_answer(row: dict) -> str:
     if not isinstance(rm, dict) and "\\boxed{" in ans:
         boxed = last_boxed(ans)
         if boxed is not None:
-            return boxed
+            ans = boxed
+    if not ans.strip():
+        raise SkipRow("answer_empty", f"the answer is {ans!r}")
     return ans
 
 

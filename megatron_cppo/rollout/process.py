@@ -108,8 +108,12 @@ class EngineProcess:
         try:
             status, payload = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"the vLLM engine process died (exit code "
-                               f"{self._proc.exitcode})") from None
+            self._proc.join(timeout=5)  # reap it: its exit code says how it ended
+            code = self._proc.exitcode
+            how = (f"killed by signal {-code}" if code is not None and code < 0 else
+                   f"exit code {code}" if code is not None else "still running, its pipe closed")
+            raise RuntimeError(f"the vLLM engine process (pid {self._proc.pid}) died ({how})"
+                               ) from None
         if status == "ok":
             return payload
         kind, message = payload

@@ -32,7 +32,12 @@ from megatron_cppo.rollout.engine import RolloutItem
 from megatron_cppo.rollout.process import EngineProcess
 from megatron_cppo.rollout.refit import refit_from_chunks
 
-__all__ = ["VLLMRolloutSource"]
+__all__ = ["EngineFailure", "VLLMRolloutSource"]
+
+
+class EngineFailure(RuntimeError):
+    """The rollout engine failed (it did not start, died, or a request failed), raised on
+    every rank alike: a runtime failure of the run, not bad input (the CLI exits 1, not 2)."""
 
 
 class _TargetClient:
@@ -77,7 +82,7 @@ class VLLMRolloutSource:
         # the other ranks wait here while rank 0 starts vLLM (tens of seconds on CPU)
         dist.broadcast_object_list(info, src=self.src, group=self.group)
         if "error" in info[0]:
-            raise RuntimeError(f"the vLLM engine did not start: {info[0]['error']}")
+            raise EngineFailure(f"the vLLM engine did not start: {info[0]['error']}")
         self.target = info[0]["target"]
         self.valid_vocab: int = info[0]["valid_vocab"]
 
@@ -97,7 +102,7 @@ class VLLMRolloutSource:
                 payload = [{"error": f"{type(e).__name__}: {e}"}]
         dist.broadcast_object_list(payload, src=self.src, group=self.group)
         if isinstance(payload[0], dict):
-            raise ValueError(f"rollout: {payload[0]['error']}")
+            raise EngineFailure(f"rollout: {payload[0]['error']}")
         samples = []
         for p, ids, logprobs, text, finish in payload[0]:
             samples.append(Sample.from_prompt(

@@ -50,8 +50,8 @@ from megatron_cppo.checkpoint import (  # noqa: I001
 from megatron_cppo.checkpoint.torch_file import load_torch_file, save_torch_file
 from megatron_cppo.parallel.agree import agree
 
-__all__ = ["find_checkpoint", "load_checkpoint", "read_meta", "read_trainer_state",
-           "save_checkpoint"]
+__all__ = ["CheckpointSaveError", "find_checkpoint", "load_checkpoint", "read_meta",
+           "read_trainer_state", "save_checkpoint"]
 
 LATEST = "latest"
 OPTIMIZER_SUBDIR = "optimizer"
@@ -61,6 +61,57 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 # fails on the other formats with torch's Adam: "fully_sharded_model_space" needs
 # ShardedTensor.flattened_range (refused), "fully_reshardable" loads a 'step' key it never saved.
 _DIST_OPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointSaveError(RuntimeError):
+    """A training checkpoint could not be written (raised on every rank alike, after the
+    partial directory was removed): the message names the directory, the step, the cause and
+    the last complete checkpoint, which ``--load`` still resumes from."""
+
+
+_ERRNO = re.compile(r"\[Errno (\d+)\]")
+
+
+def _cause(error: BaseException) -> str:
+    """What went wrong, in words: the OS error (no space left on device, permission denied,
+    ...) found anywhere in the exception, its causes, the per-rank failures torch's
+    CheckpointException carries, or their messages, else the first line of the exception."""
+    seen, todo = [], [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # rank -> (exc, tb)
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+    for e in seen:
+        if isinstance(e, OSError) and e.errno:
+            return f"{os.strerror(e.errno).lower()} (errno {e.errno})"
+    for e in seen:
+        m = _ERRNO.search(str(e))
+        if m:
+            return f"{os.strerror(int(m.group(1))).lower()} (errno {m.group(1)})"
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}"
+
+
+_FULL_BYTES = 1 << 20  # a write that failed on a disk with less free than this: a full disk
+
+
+def _with_disk_state(cause: str, directory: Path) -> str:
+    """``cause``, or "no space left on device" when the exception did not say so but the disk
+    of ``directory`` is full (torch's zip writer reports a short write on a full disk as
+    "unexpected pos ...", without an OS error)."""
+    if "(errno " in cause:
+        return cause
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return cause
+    if free < _FULL_BYTES:
+        return f"no space left on device ({free} bytes free on its disk; {cause})"
+    return cause
 
 
 def iter_name(step: int) -> str:
@@ -101,17 +152,76 @@ def _optimizer_sharded(optimizer, chunks, is_loading: bool) -> dict:
 def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_config,
                     source_hf_dir: Optional[str] = None, start: Optional[dict] = None,
                     keep: int = 2) -> Path:
-    """Collective over all ranks. Returns the published ``iter_*`` directory."""
+    """Collective over all ranks. Returns the published ``iter_*`` directory. A failure on any
+    rank (a full disk, a directory that became unwritable, ...) raises CheckpointSaveError on
+    every rank after rank 0 removed the partial directory: ``latest`` and the checkpoints
+    under ``save_dir`` are as they were."""
     save_dir = Path(save_dir).absolute()
     name = iter_name(counters.step)
-    box = [None]
+    box: list = [None, None]
     if state.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob(f".{name}.partial-*"):  # an earlier interrupted save
-            shutil.rmtree(stale, ignore_errors=True)
-        box = [tempfile.mkdtemp(prefix=f".{name}.partial-", dir=save_dir)]
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            for stale in save_dir.glob(f".{name}.partial-*"):  # an earlier interrupted save
+                shutil.rmtree(stale, ignore_errors=True)
+            box = [tempfile.mkdtemp(prefix=f".{name}.partial-", dir=save_dir), None]
+        except OSError as e:
+            box = [None, _cause(e)]
     dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CheckpointSaveError(_save_failed(save_dir, counters.step, box[1]))
     partial = Path(box[0])
+    try:
+        _write_checkpoint(partial, policy=policy, state=state, counters=counters,
+                          prompts=prompts, hf_config=hf_config, source_hf_dir=source_hf_dir,
+                          start=start)
+    except BaseException as e:  # noqa: BLE001 - every rank raised (the writes agree)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        # one account on every rank: the first rank's cause that names an OS error (only the
+        # coordinator of megatron-core's checkpoint exception holds the ranks' failures)
+        causes: list = [None] * state.world_size
+        dist.all_gather_object(causes, _with_disk_state(_cause(e), partial))
+        cause = next((c for c in causes if c.startswith("no space") or "(errno " in c),
+                     causes[0])
+        if state.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointSaveError(_save_failed(save_dir, counters.step, cause)) from e
+    final, error = save_dir / name, None
+    if state.rank == 0:
+        try:
+            swap_into_place(partial, final)  # the same step saved again: old or new, not neither
+            tmp_latest = save_dir / f".{LATEST}.tmp"
+            tmp_latest.write_text(name + "\n")
+            os.replace(tmp_latest, save_dir / LATEST)
+        except OSError as e:  # latest still names the previous checkpoint
+            shutil.rmtree(partial, ignore_errors=True)
+            error = _cause(e)
+    published: list = [error]
+    dist.broadcast_object_list(published, src=0)
+    if published[0] is not None:
+        raise CheckpointSaveError(_save_failed(save_dir, counters.step, published[0]))
+    if state.rank == 0:
+        done = sorted(p for p in save_dir.iterdir() if _ITER.match(p.name))
+        for old in done[:-keep] if keep > 0 else []:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _save_failed(save_dir: Path, step: int, cause: str) -> str:
+    latest = save_dir / LATEST
+    last = latest.read_text().strip() if latest.is_file() else None
+    return (f"--save {save_dir}: the checkpoint of step {step} was not written: {cause}; "
+            + (f"the last complete checkpoint is {save_dir / last}" if last else
+               "there is no complete checkpoint yet") + " (nothing partial is left behind)")
+
+
+def _write_checkpoint(partial: Path, *, policy, state, counters, prompts, hf_config,
+                      source_hf_dir, start) -> None:
+    """Every file of the checkpoint into ``partial`` (collective; raises on every rank alike)."""
     model_dir = partial / "ckpt"  # save_megatron_checkpoint publishes its own directory
     raw = policy.raw_chunks()
     # the optimizer state is saved as extra sharded state of the model checkpoint, so its chunks
@@ -121,13 +231,16 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
         extra_sharded={OPTIMIZER_SUBDIR: _optimizer_sharded(policy.optimizer, raw,
                                                             is_loading=False)})
     error = None
-    try:
-        if state.rank == 0:
+    if state.rank == 0:
+        try:
             for item in model_dir.iterdir():  # model/ and the metadata at the top level
                 os.replace(item, partial / item.name)
             model_dir.rmdir()
             (partial / "rng").mkdir()
-        dist.barrier()
+        except OSError as e:
+            error = e
+    agree(error, "laying out the checkpoint")
+    try:
         save_torch_file(_rng_state(), partial / "rng" / f"rank{state.rank:05d}.pt")
         if state.rank == 0:
             save_torch_file({"counters": vars(counters).copy(),
@@ -139,18 +252,6 @@ def save_checkpoint(save_dir: str, *, policy, state, counters, prompts, hf_confi
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement
         error = e
     agree(error, "saving the checkpoint")
-    final = save_dir / name
-    if state.rank == 0:
-        swap_into_place(partial, final)  # the same step saved again: old or new, never neither
-        tmp_latest = save_dir / f".{LATEST}.tmp"
-        tmp_latest.write_text(name + "\n")
-        os.replace(tmp_latest, save_dir / LATEST)
-        done = sorted(p for p in save_dir.iterdir() if _ITER.match(p.name))
-        for old in done[:-keep] if keep > 0 else []:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
 
 
 def find_checkpoint(load_dir: str) -> Path:

@@ -197,6 +197,15 @@ class CheckpointConfig:
             raise bad("save_interval", "needs --save")
         if self.load is not None and not os.path.isdir(self.load):
             raise bad("load", f"{self.load} is not a directory")
+        _not_a_file(self, "save")
+
+
+def _not_a_file(obj, name: str) -> None:
+    """A directory setting must not name an existing file (the run would fail at its first
+    write, possibly after hours)."""
+    path = getattr(obj, name)
+    if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise bad(name, f"{path} is a file, not a directory")
 
 
 @dataclass(kw_only=True)
@@ -210,7 +219,8 @@ class LoggingConfig:
     log_interval: int = option(1, "console line every this many steps")
     sample_log_interval: int = option(10, "log a few sample responses every this many steps "
                                           "(0: never)")
-    progress: bool = option(True, "progress bars for the rollout and update phases")
+    progress: bool = option(True, "progress bars for the rollout and update phases when stderr "
+                                  "is a terminal (never in a redirected log)")
     rollout_data_dir: Optional[str] = option(
         None, "write every training response of each step to DIR/<step>.jsonl (prompt, "
               "response, ground truth, reward, advantage; the reference's rollout_data_dir)")
@@ -221,6 +231,8 @@ class LoggingConfig:
     def __post_init__(self):
         check_int(self, "log_interval", 1)
         check_int(self, "sample_log_interval", 0)
+        for name in ("log_dir", "tensorboard_dir", "rollout_data_dir", "validation_data_dir"):
+            _not_a_file(self, name)
         if self.wandb_exp_name and not self.wandb_project:
             raise bad("wandb_exp_name", "needs --wandb-project")
         if self.wandb_project:
@@ -273,6 +285,19 @@ class TrainConfig:
                       "be the warm-started one)")
         if self.eval.eval_only and self.data.val_data_path is None:
             raise bad("eval_only", "needs --val-data-path")
+        if self.data.data_path is not None and self.data.val_data_path is None:
+            # with --data-path the built-in validation set is not used: nothing to evaluate
+            for name in ("eval_interval", "eval_iters"):
+                if getattr(self.eval, name):
+                    raise bad(name, "needs --val-data-path (with --data-path there is no "
+                                    "built-in validation set)")
+        if self.optimizer.weight_decay_all_params and self.optimizer.weight_decay == 0:
+            raise bad("weight_decay_all_params", "has no effect with --weight-decay 0")
+        t, ck = self.training, self.checkpoint
+        if ck.exit_interval is not None and t.train_iters is not None \
+                and ck.exit_interval > t.train_iters:
+            raise bad("exit_interval", f"{ck.exit_interval} exceeds --train-iters "
+                                       f"{t.train_iters}: it would never stop the run early")
 
     @property
     def mini_batches_per_step(self) -> int:

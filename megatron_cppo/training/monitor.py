@@ -29,7 +29,9 @@ class Monitor:
                  wandb_name: Optional[str] = None, config: Optional[dict] = None,
                  progress: bool = True, total_steps: Optional[int] = None):
         self.enabled = enabled
-        self.show_progress = progress and enabled
+        # bars only on a terminal: in a redirected log (a cluster job's) every refresh of a bar
+        # would be a fragment of text
+        self.show_progress = progress and enabled and sys.stderr.isatty()
         self.total_steps = total_steps
         self._tb = self._wandb = None
         self._jsonl = None

@@ -61,7 +61,9 @@ def _bad_files(tmp_path):
         json.dumps({"question": "word " * 200, "images": ["ok.png"],
                     "answer": "1"}),                                              # prompt_too_long
         json.dumps({"question": "Q", "images": ["cut.png"], "answer": "1"}),  # image_undecodable
-    ]                                                           # (its pixels, while processing)
+        #                                                         (its pixels, while processing)
+        json.dumps({"question": "Q", "images": ["ok.png"], "answer": " "}),   # answer_empty
+    ]
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n\n")
     # parquet rows: undecodable bytes and a non-string answer column
     pq.write_table(pa.Table.from_pylist([
@@ -95,12 +97,12 @@ def test_every_skip_reason_is_counted(processor, tmp_path):
     assert ds.skip_examples()["image_missing"].endswith("bad.jsonl row 6: the row has no image")
     # the scan counted the rows its checks reject exactly once (image headers and prompt lengths
     # included); processing counted the truncated pixels
-    assert sum(ds.scan.skips.values()) == 16 and ds.num_kept == 3
-    assert ds.scan.num_filtered == 2 and ds.scan.num_skipped == 14  # too many images, too long
+    assert sum(ds.scan.skips.values()) == 17 and ds.num_kept == 3
+    assert ds.scan.num_filtered == 2 and ds.scan.num_skipped == 15  # too many images, too long
     assert "row 10: image of 100x100 pixels exceeds" in ds.skip_examples()["image_over_pixel_limit"]
     assert "row 13: " in ds.skip_examples()["prompt_too_long"]
     assert "row 14: cannot decode image" in ds.skip_examples()["image_undecodable"]
-    assert ds.stats()["data/filtered"] == 2.0 and ds.stats()["data/skipped"] == 15.0
+    assert ds.stats()["data/filtered"] == 2.0 and ds.stats()["data/skipped"] == 16.0
 
     s = good[0]
     # "<image>\n" prepended and the instruction appended to a bare question (reference prompt)

@@ -14,6 +14,25 @@ def test_train_bad_flag_is_exit_2_naming_the_flag(capsys):
     assert re.search(r"^error: --lr: ", capsys.readouterr().err, re.M)
 
 
+def test_a_failed_engine_is_exit_1_with_one_error_line(capsys, monkeypatch):
+    """A runtime failure (here the engine's, as VLLMRolloutSource raises it on every rank) is
+    status 1, not the bad-input status 2: one error line, no traceback."""
+    from megatron_cppo.rollout.source import EngineFailure
+    from megatron_cppo.training import run as run_module
+    from megatron_cppo.training import start as start_module
+
+    def died(cfg, start):
+        raise EngineFailure("rollout: RuntimeError: the vLLM engine process died (exit code -9)")
+
+    monkeypatch.setattr(start_module, "resolve_start", lambda cfg: (cfg, None))
+    monkeypatch.setattr(run_module, "run", died)
+    assert train.main(["--train-iters", "1", "--tensor-model-parallel-size", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("error: rollout: RuntimeError: the vLLM engine "
+                                           "process died (exit code -9)")
+    assert "Traceback" not in err
+
+
 def test_megatron_cppo_dispatch(capsys, tmp_path):
     assert cli.main(["--help"]) == 0
     assert "train" in capsys.readouterr().out

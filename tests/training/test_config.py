@@ -71,6 +71,31 @@ BAD = [
     (["--exit-interval", "0"], "--exit-interval"),
     (["--log-interval", "0"], "--log-interval"),
     (["--wandb-exp-name", "x"], "--wandb-exp-name"),
+    # impossible or contradictory settings beyond a field's own range
+    (["--max-response-length", "0"], "--max-response-length"),
+    (["--rollout-batch-size", "0"], "--rollout-batch-size"),
+    (["--eval-iters", "0"], "--eval-iters"),
+    (["--eval-n-samples", "0"], "--eval-n-samples"),
+    (["--warm-start-lr", "0"], "--warm-start-lr"),
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes"),
+    (["--cpl-entropy-eps", "0"], "--cpl-entropy-eps"),  # (H + eps) divides
+    (["--cpl-divergence", "bogus"], "--cpl-divergence"),
+    (["--cpl-divergence-clamp", "-1"], "--cpl-divergence-clamp"),
+    (["--adam-eps", "0"], "--adam-eps"),
+    (["--entropy-coef", "nan"], "--entropy-coef"),
+    (["--clip-ratio-c", "0.5"], "--clip-ratio-c"),
+    (["--decoder-first-pipeline-num-layers", "1"], "--decoder-first-pipeline-num-layers"),
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size"),
+    (["--sft-only", "--eval-only"], "--sft-only"),
+    (["--eval-interval", "5", "--data-path", __file__], "--eval-interval"),  # no validation set
+    (["--eval-iters", "5", "--data-path", __file__], "--eval-iters"),
+    (["--rollout-data-dir", __file__], "--rollout-data-dir"),  # a file, not a directory
+    (["--validation-data-dir", __file__], "--validation-data-dir"),
+    (["--log-dir", __file__], "--log-dir"),
+    (["--tensorboard-dir", __file__], "--tensorboard-dir"),
+    (["--save", __file__], "--save"),
+    (["--weight-decay-all-params", "--weight-decay", "0"], "--weight-decay-all-params"),
+    (["--train-iters", "5", "--exit-interval", "10"], "--exit-interval"),  # never reached
 ]
 
 
@@ -126,6 +151,18 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
         parse_config(["--config", str(path)])
     path.write_text("lr: fast\n")
     with pytest.raises(ValueError, match="^--lr:"):
+        parse_config(["--config", str(path)])
+    path.write_text("micro-batch-size: [1, 2]\n")
+    with pytest.raises(ValueError, match="^--micro-batch-size:"):
+        parse_config(["--config", str(path)])
+    path.write_text("bf16: maybe\n")
+    with pytest.raises(ValueError, match="bf16"):
+        parse_config(["--config", str(path)])
+    path.write_text("- lr: 1\n")
+    with pytest.raises(ValueError, match="^--config: .* must hold a mapping"):
+        parse_config(["--config", str(path)])
+    path.write_text("lr: [unclosed\n")
+    with pytest.raises(ValueError, match="^--config: .* is not valid YAML"):
         parse_config(["--config", str(path)])
     with pytest.raises(ValueError, match="^--config: cannot read"):
         parse_config(["--config", str(tmp_path / "missing.yaml")])

@@ -1,7 +1,11 @@
-"""The end-of-run summary line (training/monitor.run_summary): quarter means of reward and
-format rate over the logged steps, first and last validation accuracy."""
+"""The monitor: the end-of-run summary line (training/monitor.run_summary: quarter means of
+reward and format rate over the logged steps, first and last validation accuracy), the samples
+log, and progress bars drawn only on a terminal."""
 
-from megatron_cppo.training.monitor import run_summary
+import io
+import sys
+
+from megatron_cppo.training.monitor import Monitor, run_summary
 
 
 def test_run_summary_quarters_and_validation():
@@ -37,3 +41,23 @@ def test_sample_log_carries_the_records_fields(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["index"], r["ground_truth"], r["finish_reason"], r["acc"]) for r in rows] == [
         (41, "7", "stop", 1.0), (40, "7", "stop", 0.0)]
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """Redirected to a file (how cluster jobs log), no bar is drawn: not one fragment reaches
+    the log; on a terminal the bars are drawn unless --no-progress."""
+    for tty, progress, drawn in ((False, True, False), (True, True, True), (True, False, False)):
+        stream = _Stream(tty)
+        monkeypatch.setattr(sys, "stderr", stream)
+        items = list(Monitor(log_dir=None, progress=progress).progress(range(3), "update"))
+        assert items == [0, 1, 2]
+        assert ("update" in stream.getvalue()) == drawn, (tty, progress)

@@ -9,8 +9,11 @@ Proven:
 - resume is exact: 2 steps, exit (--exit-interval), --load, 2 more steps give bit-identical
   metrics at steps 3-4 to the uninterrupted run (loss, grad norm, every logged number except
   wall times);
-- a save that fails on one rank mid-write leaves ``latest`` naming the previous checkpoint, which
-  the next run resumes from (the same bit-identical steps 3-4);
+- a save that fails on one rank mid-write (no space left) raises one account on every rank (the
+  directory, the step, the cause, the last complete checkpoint), removes the partial directory
+  and leaves ``latest`` naming the previous checkpoint, which the next run resumes from (the
+  same bit-identical steps 3-4); on a real full disk (a 256 KB tmpfs, where this machine lets
+  the test mount one) the first save fails the same way and leaves nothing under --save;
 - the model checkpoint reloads at another layout (tp, pp) = (2, 1): the resumed run's first
   old log-probs there (micro-batches filled to a token budget instead, padded rows with
   --no-sequence-packing where the other runs pack, layers recomputed with
@@ -25,8 +28,10 @@ Not proven: learning (the recorded rollout does not depend on the weights), vLLM
 """
 
 import contextlib
+import errno
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -85,7 +90,7 @@ def _counting_metadata_reads():
             m.read_meta = f
 
 
-def _runs(ranks, hf, root):
+def _runs(ranks, hf, root, disk):
     import megatron_cppo.training.checkpoint as ckpt
     from megatron_cppo.training.config import parse_config, replace
     from megatron_cppo.training.run import run as run_phases
@@ -109,7 +114,7 @@ def _runs(ranks, hf, root):
 
     def failing(obj, path, *a, **k):
         if ranks.rank == 1 and "rng" in str(path):
-            raise OSError("disk full (injected)")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return original(obj, path, *a, **k)
 
     torch.save = failing
@@ -117,14 +122,21 @@ def _runs(ranks, hf, root):
         run(parse_config(_argv(hf, half, "--train-iters", "4", "--exit-interval", "3",
                               "--load", half)), _plugins(table))
         out["failed_save"] = "no error"
-    except OSError as e:
-        out["failed_save"] = str(e)
-    except RuntimeError as e:
+    except ckpt.CheckpointSaveError as e:
         out["failed_save"] = str(e)
     finally:
         torch.save = original
     out["latest_after_failure"] = open(os.path.join(half, "latest")).read().strip()
     out["partials"] = ckpt.list_partial(half)
+    # a real full disk: a tmpfs too small for the first checkpoint (needs mount rights)
+    if disk is not None:
+        try:
+            run(parse_config(_argv(hf, os.path.join(disk, "save"), "--train-iters", "1",
+                                   "--save-interval", "1")), _plugins(table))
+            out["full_disk"] = "no error"
+        except ckpt.CheckpointSaveError as e:
+            out["full_disk"] = str(e)
+        out["full_disk_left"] = sorted(os.listdir(os.path.join(disk, "save")))
     with _counting_metadata_reads() as reads:
         out["second_half"] = run(parse_config(_argv(hf, half, "--train-iters", "4", "--load",
                                                     half)), _plugins(table))
@@ -151,7 +163,19 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
     hf = str(root / "hf")
     tiny_qwen.hf_model(tiny_qwen.hf_config(tied=False), seed=4).save_pretrained(hf)
-    per_rank = run_on_ranks(_runs, 2, megatron=False, args=(hf, str(root)), timeout=1200)
+    disk = root / "small_disk"
+    disk.mkdir()
+    try:  # a real small disk where this machine allows it (root with CAP_SYS_ADMIN)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):  # no mount command
+        mounted = False
+    try:
+        per_rank = run_on_ranks(_runs, 2, megatron=False, timeout=1200,
+                                args=(hf, str(root), str(disk) if mounted else None))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], capture_output=True)
     return root, per_rank
 
 
@@ -220,13 +244,33 @@ def test_resume_is_bit_identical(runs):
 
 
 def test_failed_save_keeps_previous_checkpoint(runs):
-    _, per_rank = runs
+    root, per_rank = runs
+    half = root / "half"
     for rank in per_rank:
-        # rank 1 raises its own error, rank 0 one naming rank 1 and its error
-        assert "disk full" in rank["failed_save"]
+        # every rank raises the same account: directory, step, cause, what is still there
+        assert rank["failed_save"] == (
+            f"--save {half}: the checkpoint of step 3 was not written: no space left on device "
+            f"(errno 28); the last complete checkpoint is {half / 'iter_0000002'} (nothing "
+            f"partial is left behind)")
         assert rank["latest_after_failure"] == "iter_0000002"
-        assert len(rank["partials"]) == 1  # left behind, removed by the next save
-    assert per_rank[0]["failed_save"].startswith("rank 1 failed while saving the checkpoint")
+        assert rank["partials"] == []
+
+
+def test_a_full_disk_fails_the_save_with_its_cause(runs):
+    """--save on a 256 KB tmpfs: the first checkpoint does not fit; one account of it, nothing
+    half-written left under --save (the run's logs, written there by default, fit)."""
+    root, per_rank = runs
+    if "full_disk" not in per_rank[0]:
+        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+    save = root / "small_disk" / "save"
+    for rank in per_rank:
+        assert rank["full_disk"].startswith(
+            f"--save {save}: the checkpoint of step 1 was not written: no space left on device")
+        assert rank["full_disk"].endswith("there is no complete checkpoint yet (nothing partial "
+                                          "is left behind)")
+        # the run's logs (metrics.jsonl, ...) are there; no checkpoint, partial or latest file
+        assert not [n for n in rank["full_disk_left"] if "iter_" in n or "latest" in n], \
+            rank["full_disk_left"]
 
 
 def test_the_start_point_is_read_once(runs):
