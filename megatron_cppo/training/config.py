@@ -189,6 +189,10 @@ class CheckpointConfig:
     exit_interval: Optional[int] = option(None, "save (with --save) and exit when the step is a "
                                                 "multiple of this (the LR schedule still spans "
                                                 "--train-iters)")
+    continue_on_save_failure: bool = option(
+        False, "a periodic save that fails (a full disk, ...) is reported and training goes on "
+               "(the last complete checkpoint stays the one --load resumes from); a failed final "
+               "save still ends the run (default: any failed save ends it, status 1)")
 
     def __post_init__(self):
         check_int(self, "save_interval", 0)

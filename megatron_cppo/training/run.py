@@ -105,11 +105,17 @@ def train_phase(run: Run) -> list[dict]:
             monitor.log_samples(step, trainer.last_samples)
         if cfg.checkpoint.save and ((cfg.checkpoint.save_interval
                                      and step % cfg.checkpoint.save_interval == 0) or final):
-            path = ckpt.save_checkpoint(cfg.checkpoint.save, policy=run.policy, state=run.state,
-                                        counters=counters, prompts=run.plugins.prompts,
-                                        hf_config=run.start.hf_config,
-                                        source_hf_dir=run.start.hf_dir, start=trainer.start)
-            monitor.print(f"saved {path}")
+            try:
+                path = ckpt.save_checkpoint(cfg.checkpoint.save, policy=run.policy,
+                                            state=run.state, counters=counters,
+                                            prompts=run.plugins.prompts,
+                                            hf_config=run.start.hf_config,
+                                            source_hf_dir=run.start.hf_dir, start=trainer.start)
+                monitor.print(f"saved {path}")
+            except ckpt.CheckpointSaveError as e:
+                if final or not cfg.checkpoint.continue_on_save_failure:
+                    raise
+                monitor.warn(f"{e}; training goes on (--continue-on-save-failure)")
         if exit_now:
             monitor.print(f"exit at step {step} (--exit-interval)")
             break

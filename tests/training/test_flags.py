@@ -54,7 +54,7 @@ warm_start: --warm-start-iters 0 | --warm-start-lr 0.001 | --sft-only False
 eval: --eval-interval 0 | --eval-iters None | --eval-n-samples 1 | --eval-temperature 0.0 |
   --no-eval-before-train True | --eval-only False
 checkpoint: --hf-dir None | --load None | --save None | --save-interval 0 |
-  --no-load-optim False | --exit-interval None
+  --no-load-optim False | --exit-interval None | --continue-on-save-failure False
 logging: --log-dir None | --tensorboard-dir None | --wandb-project None |
   --wandb-exp-name None | --log-interval 1 | --sample-log-interval 10 | --no-progress True |
   --rollout-data-dir None | --validation-data-dir None

@@ -13,7 +13,8 @@ Proven:
   directory, the step, the cause, the last complete checkpoint), removes the partial directory
   and leaves ``latest`` naming the previous checkpoint, which the next run resumes from (the
   same bit-identical steps 3-4); on a real full disk (a 256 KB tmpfs, where this machine lets
-  the test mount one) the first save fails the same way and leaves nothing under --save;
+  the test mount one) the first save fails the same way and leaves nothing under --save; with
+  --continue-on-save-failure a failed periodic save is skipped and the run goes on;
 - the model checkpoint reloads at another layout (tp, pp) = (2, 1): the resumed run's first
   old log-probs there (micro-batches filled to a token budget instead, padded rows with
   --no-sequence-packing where the other runs pack, layers recomputed with
@@ -128,6 +129,22 @@ def _runs(ranks, hf, root, disk):
         torch.save = original
     out["latest_after_failure"] = open(os.path.join(half, "latest")).read().strip()
     out["partials"] = ckpt.list_partial(half)
+    # --continue-on-save-failure: step 2's save fails on rank 1, steps 3 and its save go on
+    cont = os.path.join(root, "continued")
+
+    def failing_once(obj, path, *a, **k):
+        if ranks.rank == 1 and "rng" in str(path) and ".iter_0000002." in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(obj, path, *a, **k)
+
+    torch.save = failing_once
+    try:
+        steps = run(parse_config(_argv(hf, cont, "--train-iters", "3", "--save-interval", "1",
+                                       "--continue-on-save-failure")), _plugins(table))
+    finally:
+        torch.save = original
+    out["continued"] = (len(steps), open(os.path.join(cont, "latest")).read().strip(),
+                        sorted(n for n in os.listdir(cont) if "iter_" in n))
     # a real full disk: a tmpfs too small for the first checkpoint (needs mount rights)
     if disk is not None:
         try:
@@ -254,6 +271,12 @@ def test_failed_save_keeps_previous_checkpoint(runs):
             f"partial is left behind)")
         assert rank["latest_after_failure"] == "iter_0000002"
         assert rank["partials"] == []
+
+
+def test_training_goes_on_after_a_failed_save_when_asked(runs):
+    _, per_rank = runs
+    for rank in per_rank:  # 3 steps ran; step 2's checkpoint is missing, nothing partial
+        assert rank["continued"] == (3, "iter_0000003", ["iter_0000001", "iter_0000003"])
 
 
 def test_a_full_disk_fails_the_save_with_its_cause(runs):
