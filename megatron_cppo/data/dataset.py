@@ -47,10 +47,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
-from megatron_cppo.data.images import (ImageError, decode_image, image_size, image_tokens,
-                                       resize_for_qwen, resolve_image_path)
+from megatron_cppo.data.images import (ImageError, decode_image, image_size, image_source,
+                                       image_tokens, resize_for_qwen)
 from megatron_cppo.data.perturb import PerturbationConfig, Perturber, perturbation_seed
 from megatron_cppo.data.schema import (FILTER_REASONS, SKIP_REASONS, SkipRow, messages,
                                        prompt_question, row_answer, row_images, row_min_side,
@@ -234,21 +233,14 @@ def screen_row(row: Any, *, base_dir: Optional[Path], cfg: DataConfig,
                       f"{len(entries)} images")
     sizes = []
     for e in entries:
-        data = e.get("bytes") if isinstance(e, dict) else None
-        path = (e.get("path") or e.get("image")) if isinstance(e, dict) else e
-        if not (data or isinstance(e, (bytes, bytearray, memoryview, Image.Image))):
-            if not isinstance(path, (str, os.PathLike)) or not str(path):
-                raise SkipRow("image_missing", "an image entry holds neither bytes nor a path")
-            found, tried = resolve_image_path(path, base_dir)
-            if found is None:
-                raise SkipRow("image_missing", f"image file {path} not found (tried "
-                              f"{' and '.join(map(str, tried))})")
-        if measure is not None:
-            try:
+        try:
+            if measure is None:  # the entry holds bytes or names a file that exists
+                image_source(e, base_dir)
+            else:  # ... and its header reads
                 sizes.append(image_size(e, base_dir=base_dir, min_side=row_min_side(row),
                                         max_image_pixels=cfg.max_image_pixels))
-            except ImageError as err:
-                raise SkipRow(err.reason, str(err)) from err
+        except ImageError as err:
+            raise SkipRow(err.reason, str(err)) from err
     if measure is not None:
         try:
             n = measure(text, sizes)

@@ -82,29 +82,39 @@ def resolve_image_path(path: Any, base_dir: Optional[Path]) -> tuple[Optional[Pa
     return next((c for c in tried if c.is_file()), None), tried
 
 
-def open_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int) -> Image.Image:
-    """One image entry of a row (``{"bytes": b, "path": p}``, raw bytes, a path string or a PIL
-    image) opened lazily: its header read (size, mode), its pixels not decoded; relative paths:
-    ``resolve_image_path``. Raises ImageError with a skip reason (missing, undecodable header,
-    over ``max_image_pixels``: a huge image is refused before it is decompressed)."""
+def image_source(entry: Any, base_dir: Optional[Path]) -> Any:
+    """Where one image entry of a row (``{"bytes": b, "path": p}``, raw bytes, a path string or a
+    PIL image) is read from: the PIL image itself, its bytes (a BytesIO) or its file (relative
+    paths: ``resolve_image_path``), nothing opened. Raises ImageError("image_missing") for an
+    entry with neither bytes nor a path, or a file found at none of the places tried."""
     if isinstance(entry, Image.Image):
-        img = entry
+        return entry
+    data, path = None, None
+    if isinstance(entry, dict):
+        data, path = entry.get("bytes"), entry.get("path") or entry.get("image")
+    elif isinstance(entry, (bytes, bytearray, memoryview)):
+        data = entry
+    elif isinstance(entry, (str, os.PathLike)):
+        path = entry
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
+        return io.BytesIO(bytes(data))
+    if isinstance(path, (str, os.PathLike)) and str(path):
+        found, tried = resolve_image_path(path, base_dir)
+        if found is None:
+            raise ImageError("image_missing", f"image file {path} not found (tried "
+                             f"{' and '.join(map(str, tried))})")
+        return found
+    raise ImageError("image_missing", "image entry holds neither bytes nor a path")
+
+
+def open_image(entry: Any, *, base_dir: Optional[Path], max_image_pixels: int) -> Image.Image:
+    """One image entry of a row (``image_source``) opened lazily: its header read (size, mode),
+    its pixels not decoded. Raises ImageError with a skip reason (missing, undecodable header,
+    over ``max_image_pixels``: a huge image is refused before it is decompressed)."""
+    source = image_source(entry, base_dir)
+    if isinstance(source, Image.Image):
+        img = source
     else:
-        data, path = None, None
-        if isinstance(entry, dict):
-            data, path = entry.get("bytes"), entry.get("path") or entry.get("image")
-        elif isinstance(entry, (bytes, bytearray, memoryview)):
-            data = bytes(entry)
-        elif isinstance(entry, (str, os.PathLike)):
-            path = entry
-        source: Any = io.BytesIO(data) if data else None
-        if source is None and isinstance(path, (str, os.PathLike)) and str(path):
-            source, tried = resolve_image_path(path, base_dir)
-            if source is None:
-                raise ImageError("image_missing", f"image file {path} not found (tried "
-                                 f"{' and '.join(map(str, tried))})")
-        if source is None:
-            raise ImageError("image_missing", "image entry holds neither bytes nor a path")
         try:
             img = Image.open(source)
         except Image.DecompressionBombError as e:
